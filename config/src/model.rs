@@ -1,0 +1,332 @@
+//! The configuration file's typed model (serde). Unknown fields are errors, so a typo is
+//! reported instead of silently ignored. Defaults are documented on each field.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Admin API.
+    #[serde(default)]
+    pub admin: Admin,
+    /// Worker threads; 0 (default) means one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Routing settings.
+    #[serde(default)]
+    pub routing: Routing,
+    /// Request deadlines.
+    #[serde(default)]
+    pub timeouts: TimeoutsCfg,
+    /// Region names.
+    pub regions: Vec<String>,
+    /// Cells.
+    pub cells: Vec<CellCfg>,
+    /// Slot table: which slot ranges each cell owns. Empty: contiguous equal ranges in cell
+    /// order (bootstrap only; write it down before adding cells, so no slot moves).
+    #[serde(default)]
+    pub slots: Vec<SlotAssign>,
+    /// Key → cell pins.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+    /// Gray rules.
+    #[serde(default)]
+    pub gray: Vec<GrayCfg>,
+}
+
+/// Listeners.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Plain HTTP/1.1 + h2c listener (default `0.0.0.0:8080`).
+    #[serde(default = "default_http")]
+    pub http: String,
+    /// TLS listener (HTTP/2 and HTTP/1.1 by ALPN), off unless given.
+    #[serde(default)]
+    pub tls: Option<TlsCfg>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self { http: default_http(), tls: None }
+    }
+}
+
+fn default_http() -> String {
+    "0.0.0.0:8080".into()
+}
+
+/// TLS listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCfg {
+    /// Address (default `0.0.0.0:8443`).
+    #[serde(default = "default_tls")]
+    pub listen: String,
+    /// PEM certificate chain file.
+    pub cert: String,
+    /// PEM private key file.
+    pub key: String,
+}
+
+fn default_tls() -> String {
+    "0.0.0.0:8443".into()
+}
+
+/// Admin API.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address (default `127.0.0.1:9901`).
+    #[serde(default = "default_admin")]
+    pub listen: String,
+    /// Bearer token; `CELLGATE_ADMIN_TOKEN` overrides it.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self { listen: default_admin(), token: None }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9901".into()
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Number of slots (default 16384). Never change it after bootstrap.
+    #[serde(default = "default_slot_count")]
+    pub slot_count: u32,
+    /// Ordered key sources (default: header `X-User-ID`).
+    #[serde(default = "default_sources")]
+    pub key_sources: Vec<KeySourceCfg>,
+    /// Keyless requests.
+    #[serde(default)]
+    pub anonymous: AnonymousCfg,
+    /// Client CIDR → region, for keyless requests.
+    #[serde(default)]
+    pub region_cidrs: BTreeMap<String, String>,
+    /// Clients allowed to force `X-Cell-ID` and send `X-Gray-Tag` (default: none).
+    #[serde(default)]
+    pub trusted_cidrs: Vec<String>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            slot_count: default_slot_count(),
+            key_sources: default_sources(),
+            anonymous: AnonymousCfg::default(),
+            region_cidrs: BTreeMap::new(),
+            trusted_cidrs: Vec::new(),
+        }
+    }
+}
+
+fn default_slot_count() -> u32 {
+    cellgate_routing::DEFAULT_SLOT_COUNT
+}
+
+fn default_sources() -> Vec<KeySourceCfg> {
+    vec![KeySourceCfg::Header("X-User-ID".into())]
+}
+
+/// One key source.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeySourceCfg {
+    /// A header.
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+    /// A query parameter.
+    Query(String),
+    /// The n-th (0-based) non-empty path segment.
+    PathSegment(usize),
+    /// A JWT claim.
+    Jwt(JwtCfg),
+}
+
+/// JWT key source.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtCfg {
+    /// Header with the token (default `Authorization`; a `Bearer ` prefix is accepted).
+    #[serde(default = "default_jwt_header")]
+    pub header: String,
+    /// Claim (default `sub`).
+    #[serde(default = "default_claim")]
+    pub claim: String,
+    /// HS256 shared secret: verify signatures with it.
+    #[serde(default)]
+    pub hs256_secret: Option<String>,
+    /// RS256 public key (PEM file path): verify signatures with it.
+    #[serde(default)]
+    pub rs256_public_key_file: Option<String>,
+}
+
+fn default_jwt_header() -> String {
+    "Authorization".into()
+}
+
+fn default_claim() -> String {
+    "sub".into()
+}
+
+/// Keyless requests.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AnonymousCfg {
+    /// `region` (default): best serving cell of the request's region; `reject`: 400.
+    #[serde(default)]
+    pub policy: AnonymousPolicyCfg,
+    /// Region used when neither `X-Region-Hint` nor the client CIDR map names one.
+    #[serde(default)]
+    pub default_region: Option<String>,
+}
+
+/// Keyless policy.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AnonymousPolicyCfg {
+    /// Route by region.
+    #[default]
+    Region,
+    /// Answer 400.
+    Reject,
+}
+
+/// Deadlines, as durations like `250ms`, `2s`, `1m`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsCfg {
+    /// Default deadline (default `15s`).
+    #[serde(default = "default_timeout")]
+    pub default: String,
+    /// Cap on what `X-Timeout`/`grpc-timeout` may ask (default `60s`).
+    #[serde(default = "default_max")]
+    pub max: String,
+    /// Upstream connect timeout (default `1s`).
+    #[serde(default = "default_connect")]
+    pub connect: String,
+}
+
+impl Default for TimeoutsCfg {
+    fn default() -> Self {
+        Self { default: default_timeout(), max: default_max(), connect: default_connect() }
+    }
+}
+
+fn default_timeout() -> String {
+    "15s".into()
+}
+fn default_max() -> String {
+    "60s".into()
+}
+fn default_connect() -> String {
+    "1s".into()
+}
+
+/// A cell.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CellCfg {
+    /// Id: letters, digits, `.`, `_`, `-`.
+    pub id: String,
+    /// Region (one of `regions`).
+    pub region: String,
+    /// State (default `active`).
+    #[serde(default)]
+    pub state: cellgate_routing::CellState,
+    /// Base weight (default 100).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Ordered failover targets.
+    #[serde(default)]
+    pub failover: Vec<String>,
+    /// Upstream protocol: `auto` (default; HTTP/1.1, gRPC over h2c), `http1`, `h2c`.
+    #[serde(default)]
+    pub protocol: cellgate_routing::UpstreamProtocol,
+    /// Instances.
+    pub instances: Vec<InstanceCfg>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// An instance.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceCfg {
+    /// Name, unique in the cell.
+    pub name: String,
+    /// `host:port`.
+    pub addr: String,
+    /// Weight (default 100).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Labels, e.g. `gray: canary`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Slots owned by a cell.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SlotAssign {
+    /// Cell id.
+    pub cell: String,
+    /// Inclusive ranges like `0-5461`, or single slots like `17`.
+    pub ranges: Vec<String>,
+}
+
+/// A gray rule.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrayCfg {
+    /// Rule name.
+    pub name: String,
+    /// Tag given to matching requests.
+    pub tag: String,
+    /// Switched on (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Keys always in.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Stable share of keys, 0–100.
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// Only in these regions.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Only when this header has this value.
+    #[serde(default)]
+    pub header: Option<HeaderMatch>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Header condition.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name.
+    pub name: String,
+    /// Exact value.
+    pub value: String,
+}

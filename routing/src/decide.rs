@@ -1,0 +1,278 @@
+//! The per-request decision: key → (override | slot) → home cell → failover walk, or the
+//! keyless policy; then the instance inside the chosen cell. Reads one table snapshot,
+//! takes no lock and allocates nothing. [`RoutingTable::explain`] gives the same decision
+//! as a record an operator can read.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use serde::Serialize;
+
+use crate::error::{DecideError, KeyError};
+use crate::gray::GrayRule;
+use crate::slot::slot_of;
+use crate::table::{AnonymousPolicy, CellIdx, CellState, RoutingTable};
+use crate::wrr::SmoothWrr;
+
+/// What a decision needs to know about a request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouteInput<'a> {
+    /// The routing key, already extracted and validated.
+    pub key: Option<&'a str>,
+    /// `X-Region-Hint`, for keyless requests.
+    pub region_hint: Option<&'a str>,
+    /// The client's address, for the CIDR → region map.
+    pub client_ip: Option<IpAddr>,
+    /// A cell forced by a trusted client's `X-Cell-ID` (the caller checks trust).
+    pub forced_cell: Option<CellIdx>,
+    /// Now, in [`cellgate_health::now_ms`] milliseconds.
+    pub now_ms: u64,
+    /// A random number spreading keyless requests over cells by weight.
+    pub spread: u64,
+}
+
+/// Why a cell was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The key is pinned by an override and its cell serves.
+    Override,
+    /// The key's slot maps to this cell and it serves.
+    Slot,
+    /// A trusted client forced this cell with `X-Cell-ID`.
+    Forced,
+    /// The home cell does not serve; this is its first serving failover target.
+    Failover {
+        /// The home cell.
+        from: CellIdx,
+        /// How the key reached the home cell.
+        via_override: bool,
+    },
+    /// The request has no key; the best serving cell of this region was chosen.
+    Anonymous {
+        /// The region the request was placed in, if any.
+        region: Option<u16>,
+    },
+}
+
+/// A routing decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// The cell that serves the request.
+    pub cell: CellIdx,
+    /// The key's home cell (override or slot), if the request has a key.
+    pub home: Option<CellIdx>,
+    /// The key's slot, if the request has a key.
+    pub slot: Option<u32>,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// A decision explained for an operator (`GET /admin/route`, `cellgate route`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Explain {
+    /// The key.
+    pub key: String,
+    /// Its slot.
+    pub slot: u32,
+    /// Its home cell.
+    pub home_cell: String,
+    /// State of the home cell.
+    pub home_state: &'static str,
+    /// The cell that would serve it now.
+    pub cell: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The gray tag the request would carry (key-based rules only).
+    pub gray_tag: Option<String>,
+    /// Table version.
+    pub table_version: u64,
+}
+
+impl RoutingTable {
+    /// The key's slot, home cell, and whether an override pinned it.
+    #[inline]
+    pub fn home_of(&self, key: &str) -> (u32, CellIdx, bool) {
+        let slot = slot_of(key.as_bytes(), self.slot_count);
+        if !self.overrides.is_empty() {
+            if let Some(&c) = self.overrides.get(key) {
+                return (slot, c, true);
+            }
+        }
+        (slot, self.slots[slot as usize], false)
+    }
+
+    /// Decide the serving cell of a request.
+    pub fn decide(&self, input: &RouteInput<'_>) -> Result<Decision, DecideError> {
+        let now = input.now_ms;
+        let (home, slot, via_override, forced) = if let Some(forced) = input.forced_cell {
+            (forced, input.key.map(|k| slot_of(k.as_bytes(), self.slot_count)), false, true)
+        } else if let Some(key) = input.key {
+            let (slot, home, via) = self.home_of(key);
+            (home, Some(slot), via, false)
+        } else {
+            return self.decide_keyless(input);
+        };
+        let cell = &self.cells[usize::from(home)];
+        if cell.is_serving(now) {
+            let reason = if forced {
+                Reason::Forced
+            } else if via_override {
+                Reason::Override
+            } else {
+                Reason::Slot
+            };
+            return Ok(Decision { cell: home, home: Some(home), slot, reason });
+        }
+        for &target in &cell.failover {
+            if self.cells[usize::from(target)].is_serving(now) {
+                return Ok(Decision {
+                    cell: target,
+                    home: Some(home),
+                    slot,
+                    reason: Reason::Failover { from: home, via_override },
+                });
+            }
+        }
+        Err(DecideError::NoServingCell {
+            home: cell.id.to_string(),
+            state: if cell.state == CellState::Active { "without a healthy instance" } else { cell.state.as_str() },
+        })
+    }
+
+    fn decide_keyless(&self, input: &RouteInput<'_>) -> Result<Decision, DecideError> {
+        let AnonymousPolicy::Region { default_region } = self.anonymous else {
+            return Err(DecideError::MissingKey);
+        };
+        let region = input
+            .region_hint
+            .and_then(|h| self.region_idx(h.trim()))
+            .or_else(|| input.client_ip.and_then(|ip| self.region_of_ip(ip)))
+            .or(default_region);
+        let now = input.now_ms;
+        let pick = |in_region: &dyn Fn(u16) -> bool| -> Option<CellIdx> {
+            let eligible = |c: &crate::table::Cell| in_region(c.region_idx) && c.weight > 0 && c.is_serving(now);
+            let total: u64 = self.cells.iter().filter(|c| eligible(c)).map(|c| u64::from(c.weight)).sum();
+            if total == 0 {
+                return None;
+            }
+            let mut point = input.spread % total;
+            for (i, c) in self.cells.iter().enumerate() {
+                if eligible(c) {
+                    let w = u64::from(c.weight);
+                    if point < w {
+                        return Some(i as CellIdx);
+                    }
+                    point -= w;
+                }
+            }
+            None
+        };
+        let chosen = match region {
+            Some(r) => pick(&|cr| cr == r).or_else(|| pick(&|cr| cr != r)),
+            None => pick(&|_| true),
+        };
+        chosen
+            .map(|cell| Decision { cell, home: None, slot: None, reason: Reason::Anonymous { region } })
+            .ok_or(DecideError::NoCellAnywhere)
+    }
+
+    /// The first enabled gray rule that tags this request, if any.
+    #[inline]
+    pub fn gray_rule(&self, key: Option<&str>, cell: CellIdx, headers: &HeaderMap) -> Option<&GrayRule> {
+        if self.gray.is_empty() {
+            return None;
+        }
+        let region = self.cells.get(usize::from(cell))?.region_idx;
+        self.gray.iter().find(|r| r.matches(key, region, headers))
+    }
+
+    /// Pick an instance of `cell` by smooth WRR among the available ones whose gray label
+    /// equals `tag` (or that have none, for an untagged request), falling back to the other
+    /// available instances when none matches. Instances whose bit is set in `tried`
+    /// (bit i = instance i) are skipped.
+    #[inline]
+    pub fn pick_instance(&self, cell: CellIdx, tag: Option<&str>, wrr: &mut SmoothWrr, now: u64, tried: u64) -> Option<usize> {
+        let insts = &self.cells.get(usize::from(cell))?.instances;
+        let usable = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
+        let exact = wrr.pick(insts.len(), |i| {
+            let inst = &insts[i];
+            if usable(i) && inst.gray.as_deref() == tag && inst.health.is_available(now) {
+                inst.weight
+            } else {
+                0
+            }
+        });
+        exact.or_else(|| {
+            wrr.pick(insts.len(), |i| {
+                let inst = &insts[i];
+                if usable(i) && inst.health.is_available(now) {
+                    inst.weight
+                } else {
+                    0
+                }
+            })
+        })
+    }
+
+    /// Explain where `key` goes now.
+    pub fn explain(&self, key: &str, now_ms: u64) -> Result<Explain, ExplainError> {
+        crate::key::check_key(key)?;
+        let d = self.decide(&RouteInput { key: Some(key), now_ms, ..RouteInput::default() });
+        let (slot, home, _) = self.home_of(key);
+        let home_cell = &self.cells[usize::from(home)];
+        let (cell, reason, gray_tag) = match &d {
+            Ok(d) => (
+                self.cells[usize::from(d.cell)].id.to_string(),
+                self.reason_text(d),
+                self.gray_rule(Some(key), d.cell, &HeaderMap::new()).map(|r| r.tag.to_string()),
+            ),
+            Err(e) => (String::new(), e.to_string(), None),
+        };
+        Ok(Explain {
+            key: key.to_owned(),
+            slot,
+            home_cell: home_cell.id.to_string(),
+            home_state: home_cell.state.as_str(),
+            cell,
+            reason,
+            gray_tag,
+            table_version: self.version,
+        })
+    }
+
+    /// A decision's reason in words.
+    pub fn reason_text(&self, d: &Decision) -> String {
+        let name = |c: CellIdx| self.cells.get(usize::from(c)).map_or("?", |c| &*c.id);
+        match d.reason {
+            Reason::Override => format!("override pins the key to {}", name(d.cell)),
+            Reason::Slot => format!("slot {} belongs to {}", d.slot.unwrap_or_default(), name(d.cell)),
+            Reason::Forced => format!("trusted client forced {}", name(d.cell)),
+            Reason::Failover { from, via_override } => {
+                let home = &self.cells[usize::from(from)];
+                let why = if home.state == CellState::Active {
+                    "has no healthy instance".to_owned()
+                } else {
+                    format!("is {}", home.state.as_str())
+                };
+                format!(
+                    "home cell {} ({}) {why}; first serving failover target is {}",
+                    home.id,
+                    if via_override { "by override" } else { "by slot" },
+                    name(d.cell)
+                )
+            }
+            Reason::Anonymous { region } => match region {
+                Some(r) => format!("no key; best serving cell for region {}", self.regions[usize::from(r)]),
+                None => "no key; best serving cell in any region".to_owned(),
+            },
+        }
+    }
+}
+
+/// Why a decision could not be explained.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The key is invalid.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}

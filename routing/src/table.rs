@@ -1,0 +1,562 @@
+//! The routing table: one immutable, versioned snapshot of everything a request decision
+//! reads — cells and their states, instances, the slot table, overrides, key sources, the
+//! keyless policy, gray rules and timeouts. It is built and validated by [`TableBuilder`]
+//! off the request path and replaced as a whole; nothing in it is mutated after `build`
+//! except the shared, atomic health state of instances.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellgate_health::{HealthRegistry, InstanceHealth};
+use http::HeaderValue;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TableError;
+use crate::gray::GrayRule;
+use crate::key::KeySources;
+use crate::slot::DEFAULT_SLOT_COUNT;
+
+/// Index of a cell inside one table.
+pub type CellIdx = u16;
+
+/// Largest number of cells in one table.
+pub const MAX_CELLS: usize = u16::MAX as usize;
+
+/// The state of a cell (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CellState {
+    /// Serves its slots.
+    #[default]
+    Active,
+    /// No new requests; its slots are served by its failover targets.
+    Draining,
+    /// Its slots are served by its failover targets because health said so.
+    FailedOver,
+    /// Out of service.
+    Disabled,
+}
+
+impl CellState {
+    /// The state's name as written in configuration and APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::FailedOver => "failed_over",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// How the gateway talks to a cell's instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, except gRPC requests, which need HTTP/2 and use h2c.
+    #[default]
+    Auto,
+    /// Always HTTP/1.1 (gRPC requests are refused with 502).
+    Http1,
+    /// Always HTTP/2 with prior knowledge (h2c).
+    H2c,
+}
+
+/// What to do with a request that has no routing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnonymousPolicy {
+    /// Answer 400.
+    Reject,
+    /// Route to the best serving cell of the request's region (hint header, client CIDR,
+    /// or this default), then of other regions.
+    Region {
+        /// Region used when neither hint nor CIDR names one.
+        default_region: Option<u16>,
+    },
+}
+
+/// Request deadlines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Deadline of a request that asks for none.
+    pub default: Duration,
+    /// Longest deadline a request may ask for (`X-Timeout`, `grpc-timeout`).
+    pub max: Duration,
+    /// Upstream connect timeout.
+    pub connect: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            default: Duration::from_secs(15),
+            max: Duration::from_secs(60),
+            connect: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One upstream address of a cell.
+#[derive(Debug)]
+pub struct Instance {
+    /// Name, unique in its cell.
+    pub name: Arc<str>,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Configured base weight.
+    pub weight: u32,
+    /// Labels, e.g. `gray: canary`.
+    pub labels: BTreeMap<String, String>,
+    /// The `gray` label, if any.
+    pub gray: Option<Arc<str>>,
+    /// Shared health state (survives table swaps).
+    pub health: Arc<InstanceHealth>,
+}
+
+/// One cell of a table.
+#[derive(Debug)]
+pub struct Cell {
+    /// Cell id.
+    pub id: Arc<str>,
+    /// `X-Cell-ID` header value, computed once.
+    pub id_header: HeaderValue,
+    /// Region name.
+    pub region: Arc<str>,
+    /// Region index in the table.
+    pub region_idx: u16,
+    /// State.
+    pub state: CellState,
+    /// Base weight.
+    pub weight: u32,
+    /// Ordered failover targets.
+    pub failover: Vec<CellIdx>,
+    /// Instances.
+    pub instances: Vec<Instance>,
+    /// Upstream protocol.
+    pub protocol: UpstreamProtocol,
+}
+
+impl Cell {
+    /// Whether the cell takes new traffic at `now`: active, and at least one instance that
+    /// is not ejected.
+    #[inline]
+    pub fn is_serving(&self, now: u64) -> bool {
+        self.state == CellState::Active && self.instances.iter().any(|i| i.health.is_available(now))
+    }
+}
+
+/// An immutable routing snapshot. See the module docs.
+#[derive(Debug)]
+pub struct RoutingTable {
+    pub(crate) version: u64,
+    pub(crate) version_header: HeaderValue,
+    pub(crate) slot_count: u32,
+    pub(crate) slots: Box<[CellIdx]>,
+    pub(crate) cells: Vec<Cell>,
+    pub(crate) cell_ids: HashMap<Arc<str>, CellIdx>,
+    pub(crate) regions: Vec<Arc<str>>,
+    pub(crate) overrides: HashMap<Box<str>, CellIdx>,
+    pub(crate) key_sources: KeySources,
+    pub(crate) anonymous: AnonymousPolicy,
+    pub(crate) region_cidrs: Vec<(IpNet, u16)>,
+    pub(crate) trusted: Vec<IpNet>,
+    pub(crate) gray: Vec<GrayRule>,
+    pub(crate) timeouts: Timeouts,
+}
+
+impl RoutingTable {
+    /// Table version (`X-Routing-Version`).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+    /// The version as a header value.
+    pub fn version_header(&self) -> &HeaderValue {
+        &self.version_header
+    }
+    /// Number of slots.
+    pub fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+    /// Home cell of each slot.
+    pub fn slots(&self) -> &[CellIdx] {
+        &self.slots
+    }
+    /// All cells, indexed by [`CellIdx`].
+    pub fn cells(&self) -> &[Cell] {
+        &self.cells
+    }
+    /// One cell.
+    pub fn cell(&self, idx: CellIdx) -> Option<&Cell> {
+        self.cells.get(usize::from(idx))
+    }
+    /// The index of a cell by id.
+    pub fn cell_idx(&self, id: &str) -> Option<CellIdx> {
+        self.cell_ids.get(id).copied()
+    }
+    /// Region names, indexed by region index.
+    pub fn regions(&self) -> &[Arc<str>] {
+        &self.regions
+    }
+    /// The index of a region by name.
+    pub fn region_idx(&self, name: &str) -> Option<u16> {
+        self.regions.iter().position(|r| &**r == name).map(|i| i as u16)
+    }
+    /// Key → cell pins.
+    pub fn overrides(&self) -> &HashMap<Box<str>, CellIdx> {
+        &self.overrides
+    }
+    /// Key sources.
+    pub fn key_sources(&self) -> &KeySources {
+        &self.key_sources
+    }
+    /// Gray rules.
+    pub fn gray_rules(&self) -> &[GrayRule] {
+        &self.gray
+    }
+    /// Deadlines.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+    /// Whether `ip` may force a cell with `X-Cell-ID` or set `X-Gray-Tag`.
+    #[inline]
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+    /// Region of a client address by the CIDR map (most specific match).
+    pub fn region_of_ip(&self, ip: IpAddr) -> Option<u16> {
+        let ip = canonical_ip(ip);
+        self.region_cidrs
+            .iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, r)| *r)
+    }
+    /// Number of slots per cell, indexed by [`CellIdx`].
+    pub fn slots_per_cell(&self) -> Vec<u32> {
+        let mut v = vec![0u32; self.cells.len()];
+        for &c in self.slots.iter() {
+            if let Some(n) = v.get_mut(usize::from(c)) {
+                *n += 1;
+            }
+        }
+        v
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A cell as given to the builder.
+#[derive(Clone, Debug)]
+pub struct CellSpec {
+    /// Cell id.
+    pub id: String,
+    /// Region name (must be declared with [`TableBuilder::region`]).
+    pub region: String,
+    /// State.
+    pub state: CellState,
+    /// Base weight.
+    pub weight: u32,
+    /// Failover targets by id, in order.
+    pub failover: Vec<String>,
+    /// Instances.
+    pub instances: Vec<InstanceSpec>,
+    /// Upstream protocol.
+    pub protocol: UpstreamProtocol,
+}
+
+/// An instance as given to the builder.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    /// Name, unique in the cell.
+    pub name: String,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Base weight.
+    pub weight: u32,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Builds and validates a [`RoutingTable`]. Errors name the offending place the way the
+/// configuration does (`cells[1].failover[0]`, `slots`).
+#[derive(Debug)]
+pub struct TableBuilder {
+    version: u64,
+    slot_count: u32,
+    regions: Vec<String>,
+    cells: Vec<CellSpec>,
+    slot_ranges: Vec<(String, Vec<(u32, u32)>)>,
+    overrides: Vec<(String, String)>,
+    key_sources: KeySources,
+    anonymous_reject: bool,
+    default_region: Option<String>,
+    region_cidrs: Vec<(IpNet, String)>,
+    trusted: Vec<IpNet>,
+    gray: Vec<crate::gray::GraySpec>,
+    timeouts: Timeouts,
+}
+
+pub use crate::gray::GraySpec;
+
+impl TableBuilder {
+    /// A builder for table `version` with `slot_count` slots (0 = default 16384).
+    pub fn new(version: u64, slot_count: u32) -> Self {
+        Self {
+            version,
+            slot_count: if slot_count == 0 { DEFAULT_SLOT_COUNT } else { slot_count },
+            regions: Vec::new(),
+            cells: Vec::new(),
+            slot_ranges: Vec::new(),
+            overrides: Vec::new(),
+            key_sources: KeySources::default(),
+            anonymous_reject: false,
+            default_region: None,
+            region_cidrs: Vec::new(),
+            trusted: Vec::new(),
+            gray: Vec::new(),
+            timeouts: Timeouts::default(),
+        }
+    }
+    /// Declare a region.
+    pub fn region(mut self, name: impl Into<String>) -> Self {
+        self.regions.push(name.into());
+        self
+    }
+    /// Add a cell.
+    pub fn cell(mut self, cell: CellSpec) -> Self {
+        self.cells.push(cell);
+        self
+    }
+    /// Give `cell` the inclusive slot ranges `ranges`.
+    pub fn slot_ranges(mut self, cell: impl Into<String>, ranges: Vec<(u32, u32)>) -> Self {
+        self.slot_ranges.push((cell.into(), ranges));
+        self
+    }
+    /// Pin `key` to `cell`.
+    pub fn override_key(mut self, key: impl Into<String>, cell: impl Into<String>) -> Self {
+        self.overrides.push((key.into(), cell.into()));
+        self
+    }
+    /// Key sources.
+    pub fn key_sources(mut self, sources: KeySources) -> Self {
+        self.key_sources = sources;
+        self
+    }
+    /// Keyless requests: reject with 400 (`true`) or route by region (`false`).
+    pub fn anonymous(mut self, reject: bool, default_region: Option<String>) -> Self {
+        self.anonymous_reject = reject;
+        self.default_region = default_region;
+        self
+    }
+    /// Map client addresses in `net` to `region`.
+    pub fn region_cidr(mut self, net: IpNet, region: impl Into<String>) -> Self {
+        self.region_cidrs.push((net, region.into()));
+        self
+    }
+    /// Trust clients in `net` to force `X-Cell-ID` / `X-Gray-Tag`.
+    pub fn trusted(mut self, net: IpNet) -> Self {
+        self.trusted.push(net);
+        self
+    }
+    /// Add a gray rule.
+    pub fn gray(mut self, rule: GraySpec) -> Self {
+        self.gray.push(rule);
+        self
+    }
+    /// Deadlines.
+    pub fn timeouts(mut self, t: Timeouts) -> Self {
+        self.timeouts = t;
+        self
+    }
+
+    /// Validate and build. Instances get their health state from `health`, so the same
+    /// identity keeps its state across tables.
+    pub fn build(self, health: &HealthRegistry) -> Result<RoutingTable, TableError> {
+        if self.cells.is_empty() {
+            return Err(TableError::at("cells", "at least one cell is required"));
+        }
+        if self.cells.len() > MAX_CELLS {
+            return Err(TableError::at("cells", format!("at most {MAX_CELLS} cells")));
+        }
+        let mut regions: Vec<Arc<str>> = Vec::new();
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.is_empty() {
+                return Err(TableError::at(format!("regions[{i}]"), "empty region name"));
+            }
+            if regions.iter().any(|x| &**x == r) {
+                return Err(TableError::at(format!("regions[{i}]"), format!("duplicate region {r:?}")));
+            }
+            regions.push(r.as_str().into());
+        }
+        let region_idx = |name: &str| regions.iter().position(|r| &**r == name).map(|i| i as u16);
+
+        let mut cell_ids: HashMap<Arc<str>, CellIdx> = HashMap::new();
+        for (i, c) in self.cells.iter().enumerate() {
+            if c.id.is_empty() {
+                return Err(TableError::at(format!("cells[{i}].id"), "empty cell id"));
+            }
+            if cell_ids.insert(c.id.as_str().into(), i as CellIdx).is_some() {
+                return Err(TableError::at(format!("cells[{i}].id"), format!("duplicate cell id {:?}", c.id)));
+            }
+        }
+        let mut cells = Vec::with_capacity(self.cells.len());
+        for (i, c) in self.cells.iter().enumerate() {
+            let id_header = HeaderValue::from_str(&c.id).map_err(|_| {
+                TableError::at(format!("cells[{i}].id"), "cell id must be visible ASCII")
+            })?;
+            let Some(ri) = region_idx(&c.region) else {
+                return Err(TableError::at(
+                    format!("cells[{i}].region"),
+                    format!("unknown region {:?} (declared: {})", c.region, self.regions.join(", ")),
+                ));
+            };
+            let mut failover = Vec::with_capacity(c.failover.len());
+            for (j, f) in c.failover.iter().enumerate() {
+                let Some(&fi) = cell_ids.get(f.as_str()) else {
+                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), format!("unknown cell {f:?}")));
+                };
+                if usize::from(fi) == i {
+                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), "a cell cannot fail over to itself"));
+                }
+                if failover.contains(&fi) {
+                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), format!("duplicate failover target {f:?}")));
+                }
+                failover.push(fi);
+            }
+            let mut instances = Vec::with_capacity(c.instances.len());
+            for (j, inst) in c.instances.iter().enumerate() {
+                if inst.name.is_empty() {
+                    return Err(TableError::at(format!("cells[{i}].instances[{j}].name"), "empty instance name"));
+                }
+                if instances.iter().any(|x: &Instance| &*x.name == inst.name) {
+                    return Err(TableError::at(
+                        format!("cells[{i}].instances[{j}].name"),
+                        format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id),
+                    ));
+                }
+                instances.push(Instance {
+                    name: inst.name.as_str().into(),
+                    addr: inst.addr,
+                    weight: inst.weight,
+                    gray: inst.labels.get("gray").map(|g| Arc::from(g.as_str())),
+                    labels: inst.labels.clone(),
+                    health: health.instance(&c.id, &inst.name),
+                });
+            }
+            cells.push(Cell {
+                id: c.id.as_str().into(),
+                id_header,
+                region: regions[usize::from(ri)].clone(),
+                region_idx: ri,
+                state: c.state,
+                weight: c.weight,
+                failover,
+                instances,
+                protocol: c.protocol,
+            });
+        }
+
+        // Slot table: every slot exactly once.
+        const UNSET: CellIdx = CellIdx::MAX;
+        let mut slots = vec![UNSET; self.slot_count as usize].into_boxed_slice();
+        if self.slot_ranges.is_empty() {
+            // Bootstrap: contiguous, equal ranges in cell order.
+            let n = cells.len() as u64;
+            for (s, slot) in slots.iter_mut().enumerate() {
+                *slot = ((s as u64 * n) / u64::from(self.slot_count)) as CellIdx;
+            }
+        } else {
+            for (k, (cell, ranges)) in self.slot_ranges.iter().enumerate() {
+                let Some(&ci) = cell_ids.get(cell.as_str()) else {
+                    return Err(TableError::at(format!("slots[{k}].cell"), format!("unknown cell {cell:?}")));
+                };
+                for (r, &(lo, hi)) in ranges.iter().enumerate() {
+                    if lo > hi || hi >= self.slot_count {
+                        return Err(TableError::at(
+                            format!("slots[{k}].ranges[{r}]"),
+                            format!("range {lo}-{hi} is outside 0-{}", self.slot_count - 1),
+                        ));
+                    }
+                    for s in lo..=hi {
+                        let slot = &mut slots[s as usize];
+                        if *slot != UNSET {
+                            return Err(TableError::at(
+                                format!("slots[{k}].ranges[{r}]"),
+                                format!("slot {s} is assigned twice ({} and {cell})", cells[usize::from(*slot)].id),
+                            ));
+                        }
+                        *slot = ci;
+                    }
+                }
+            }
+            if let Some(hole) = slots.iter().position(|&s| s == UNSET) {
+                let missing = slots.iter().filter(|&&s| s == UNSET).count();
+                return Err(TableError::at(
+                    "slots",
+                    format!("{missing} slot(s) have no cell, the first is {hole}; every slot 0-{} needs one", self.slot_count - 1),
+                ));
+            }
+        }
+
+        let mut overrides = HashMap::with_capacity(self.overrides.len());
+        for (k, (key, cell)) in self.overrides.iter().enumerate() {
+            crate::key::check_key(key).map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
+            let Some(&ci) = cell_ids.get(cell.as_str()) else {
+                return Err(TableError::at(format!("overrides[{k}]"), format!("unknown cell {cell:?} for key {key:?}")));
+            };
+            overrides.insert(key.as_str().into(), ci);
+        }
+
+        let anonymous = if self.anonymous_reject {
+            AnonymousPolicy::Reject
+        } else {
+            let default_region = match &self.default_region {
+                None => None,
+                Some(r) => Some(region_idx(r).ok_or_else(|| {
+                    TableError::at("routing.anonymous.default_region", format!("unknown region {r:?}"))
+                })?),
+            };
+            AnonymousPolicy::Region { default_region }
+        };
+        let mut region_cidrs = Vec::with_capacity(self.region_cidrs.len());
+        for (k, (net, r)) in self.region_cidrs.iter().enumerate() {
+            let ri = region_idx(r).ok_or_else(|| {
+                TableError::at(format!("routing.region_cidrs[{k}]"), format!("unknown region {r:?}"))
+            })?;
+            region_cidrs.push((*net, ri));
+        }
+        let mut gray = Vec::with_capacity(self.gray.len());
+        for (k, spec) in self.gray.into_iter().enumerate() {
+            gray.push(GrayRule::from_spec(spec, &regions).map_err(|m| TableError::at(format!("gray[{k}]"), m))?);
+        }
+        if self.timeouts.default > self.timeouts.max {
+            return Err(TableError::at("timeouts.default", "longer than timeouts.max"));
+        }
+
+        Ok(RoutingTable {
+            version: self.version,
+            version_header: HeaderValue::from(self.version),
+            slot_count: self.slot_count,
+            slots,
+            cells,
+            cell_ids,
+            regions,
+            overrides,
+            key_sources: self.key_sources,
+            anonymous,
+            region_cidrs,
+            trusted: self.trusted,
+            gray,
+            timeouts: self.timeouts,
+        })
+    }
+}
