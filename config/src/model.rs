@@ -108,8 +108,9 @@ pub struct Routing {
     /// Number of slots (default 16384). Never change it after bootstrap.
     #[serde(default = "default_slot_count")]
     pub slot_count: u32,
-    /// Ordered key sources (default: header `X-User-ID`).
-    #[serde(default = "default_sources")]
+    /// Ordered key sources (default: header `X-User-ID`), each a one-entry map such as
+    /// `header: X-User-ID`, `cookie: uid`, `query: uid`, `path_segment: 1`, `jwt: {...}`.
+    #[serde(default = "default_sources", with = "serde_yaml::with::singleton_map_recursive")]
     pub key_sources: Vec<KeySourceCfg>,
     /// Keyless requests.
     #[serde(default)]

@@ -1,0 +1,106 @@
+//! Request deadlines: `X-Timeout` (`250ms`, `2s`) or gRPC's `grpc-timeout` may shorten or
+//! lengthen the route's default up to its cap. Malformed values are a 400, never ignored.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use super::headers::{GRPC_TIMEOUT, X_TIMEOUT};
+use cellgate_routing::Timeouts;
+
+/// The request's deadline budget, or a message saying which header is malformed.
+pub fn budget(headers: &HeaderMap, t: &Timeouts) -> Result<Duration, String> {
+    let asked = if let Some(v) = headers.get(X_TIMEOUT) {
+        let s = v.to_str().map_err(|_| "X-Timeout is not ASCII".to_owned())?;
+        Some(
+            cellgate_config::parse_duration(s)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| format!("X-Timeout {s:?} is not a duration such as 250ms or 2s"))?,
+        )
+    } else if let Some(v) = headers.get(GRPC_TIMEOUT) {
+        Some(grpc_timeout(v).ok_or_else(|| "grpc-timeout is malformed".to_owned())?)
+    } else {
+        None
+    };
+    Ok(asked.map_or(t.default, |d| d.min(t.max)))
+}
+
+/// Parse gRPC's `TimeoutValue TimeoutUnit` (at most 8 digits; H M S m u n).
+fn grpc_timeout(v: &HeaderValue) -> Option<Duration> {
+    let b = v.as_bytes();
+    if b.len() < 2 || b.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = b.split_at(b.len() - 1);
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit[0] {
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `X-Timeout` value for a remaining budget (whole milliseconds, at least 1).
+pub fn remaining_x_timeout(rem: Duration) -> HeaderValue {
+    let mut buf = itoa_ms(rem);
+    buf.push_str("ms");
+    HeaderValue::from_str(&buf).unwrap_or_else(|_| HeaderValue::from_static("1ms"))
+}
+
+/// `grpc-timeout` value for a remaining budget.
+pub fn remaining_grpc_timeout(rem: Duration) -> HeaderValue {
+    let mut buf = itoa_ms(rem);
+    buf.push('m');
+    HeaderValue::from_str(&buf).unwrap_or_else(|_| HeaderValue::from_static("1m"))
+}
+
+fn itoa_ms(rem: Duration) -> String {
+    (rem.as_millis().clamp(1, 99_999_999)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Timeouts {
+        Timeouts { default: Duration::from_secs(15), max: Duration::from_secs(60), connect: Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn budgets() {
+        let mut h = HeaderMap::new();
+        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(15)));
+        h.insert(X_TIMEOUT, HeaderValue::from_static("250ms"));
+        assert_eq!(budget(&h, &t()), Ok(Duration::from_millis(250)));
+        h.insert(X_TIMEOUT, HeaderValue::from_static("2s"));
+        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(2)));
+        h.insert(X_TIMEOUT, HeaderValue::from_static("300s"));
+        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(60)));
+        h.insert(X_TIMEOUT, HeaderValue::from_static("soon"));
+        assert!(budget(&h, &t()).is_err());
+        h.insert(X_TIMEOUT, HeaderValue::from_static("0ms"));
+        assert!(budget(&h, &t()).is_err());
+        let mut g = HeaderMap::new();
+        g.insert(GRPC_TIMEOUT, HeaderValue::from_static("1500m"));
+        assert_eq!(budget(&g, &t()), Ok(Duration::from_millis(1500)));
+        g.insert(GRPC_TIMEOUT, HeaderValue::from_static("2H"));
+        assert_eq!(budget(&g, &t()), Ok(Duration::from_secs(60)));
+        g.insert(GRPC_TIMEOUT, HeaderValue::from_static("123456789S"));
+        assert!(budget(&g, &t()).is_err());
+    }
+
+    #[test]
+    fn remaining_formats() {
+        assert_eq!(remaining_x_timeout(Duration::from_micros(1500)), "1ms");
+        assert_eq!(remaining_x_timeout(Duration::from_millis(2400)), "2400ms");
+        assert_eq!(remaining_grpc_timeout(Duration::from_millis(70)), "70m");
+        assert_eq!(remaining_x_timeout(Duration::ZERO), "1ms");
+    }
+}

@@ -1,0 +1,96 @@
+//! Request ids and W3C trace context: keep what the client sent when it is well formed,
+//! otherwise start new ones.
+
+use http::HeaderValue;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(out: &mut [u8], mut v: u128) {
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+/// The inbound request id when it is 1–128 visible ASCII characters, else a new one
+/// (32 lowercase hex digits).
+pub fn request_id(inbound: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = inbound {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let mut buf = [0u8; 32];
+    hex_into(&mut buf, fastrand::u128(1..));
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+fn is_lower_hex(b: &[u8]) -> bool {
+    b.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+/// The `traceparent` to send upstream: the inbound trace continued with a new parent id
+/// (this hop's span), or a new sampled trace.
+pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {
+    // version(2) - trace-id(32) - parent-id(16) - flags(2)
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let mut continued = false;
+    if let Some(v) = inbound {
+        let b = v.as_bytes();
+        if b.len() >= 55
+            && b[2] == b'-'
+            && b[35] == b'-'
+            && b[52] == b'-'
+            && is_lower_hex(&b[0..2])
+            && &b[0..2] != b"ff"
+            && is_lower_hex(&b[3..35])
+            && is_lower_hex(&b[36..52])
+            && is_lower_hex(&b[53..55])
+            && b[3..35].iter().any(|&c| c != b'0')
+            && b[36..52].iter().any(|&c| c != b'0')
+            && (b.len() == 55 || (b[0..2] != *b"00" && b[55] == b'-'))
+        {
+            out[3..35].copy_from_slice(&b[3..35]);
+            out[53..55].copy_from_slice(&b[53..55]);
+            continued = true;
+        }
+    }
+    if !continued {
+        hex_into(&mut out[3..35], fastrand::u128(1..));
+    }
+    hex_into(&mut out[36..52], u128::from(fastrand::u64(1..)));
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_kept_or_made() {
+        let v = HeaderValue::from_static("abc-123");
+        assert_eq!(request_id(Some(&v)), v);
+        let made = request_id(None);
+        assert_eq!(made.len(), 32);
+        assert_ne!(made, request_id(None));
+        let bad = HeaderValue::from_static("has space");
+        assert_ne!(request_id(Some(&bad)), bad);
+    }
+
+    #[test]
+    fn traceparent_continued_or_started() {
+        let inbound = HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let out = traceparent(Some(&inbound));
+        let s = out.to_str().expect("ascii");
+        assert_eq!(&s[..36], "00-4bf92f3577b34da6a3ce929d0e0e4736-");
+        assert_ne!(&s[36..52], "00f067aa0ba902b7");
+        assert!(s.ends_with("-01"));
+        for bad in ["00-00000000000000000000000000000000-00f067aa0ba902b7-01", "garbage", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
+            let out = traceparent(Some(&HeaderValue::from_static(bad)));
+            let s = out.to_str().expect("ascii");
+            assert_eq!(s.len(), 55);
+            assert_ne!(&s[3..35], "4bf92f3577b34da6a3ce929d0e0e4736");
+        }
+    }
+}

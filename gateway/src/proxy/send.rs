@@ -1,0 +1,151 @@
+//! Phase *send*: a per-worker pool of upstream connections (HTTP/1.1 senders kept idle per
+//! address; one multiplexed h2c connection per address) and the attempt loop. A connect
+//! failure, or a pooled connection found dead before the request was written, is retried
+//! on another instance of the same cell; nothing that may have reached the upstream is
+//! retried here. The pool belongs to one worker thread, so it needs no lock.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::server::LocalExec;
+
+/// Idle HTTP/1.1 connections kept per upstream address.
+const MAX_IDLE_PER_ADDR: usize = 512;
+
+/// Why one attempt failed.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// The connection could not be made; the request is handed back untouched.
+    Connect(std::io::Error, Request<Incoming>),
+    /// The request was (maybe) written and failed; it cannot be retried.
+    Upstream(hyper::Error),
+}
+
+/// Per-worker connection pool.
+#[derive(Default)]
+pub struct Pool {
+    h1: HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("h1_addrs", &self.h1.len()).field("h2_addrs", &self.h2.len()).finish()
+    }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Send `req` to `addr` over HTTP/1.1 (`h2 = false`) or h2c, reusing a pooled connection.
+pub async fn send(
+    pool: &Rc<RefCell<Pool>>,
+    addr: SocketAddr,
+    h2: bool,
+    mut req: Request<Incoming>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, AttemptError> {
+    if h2 {
+        let existing = pool.borrow().h2.get(&addr).filter(|s| !s.is_closed()).cloned();
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let stream = match connect(addr, connect_timeout).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(AttemptError::Connect(e, req)),
+                };
+                let (s, conn) = match http2::Builder::new(LocalExec)
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(stream))
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(e) => return Err(AttemptError::Connect(std::io::Error::other(e), req)),
+                };
+                tokio::task::spawn_local(async move {
+                    let _ = conn.await;
+                });
+                pool.borrow_mut().h2.insert(addr, s.clone());
+                s
+            }
+        };
+        return match sender.try_send_request(req).await {
+            Ok(res) => Ok(res),
+            Err(mut e) => match e.take_message() {
+                Some(r) => {
+                    pool.borrow_mut().h2.remove(&addr);
+                    Err(AttemptError::Connect(std::io::Error::other("pooled h2 connection closed"), r))
+                }
+                None => Err(AttemptError::Upstream(e.into_error())),
+            },
+        };
+    }
+
+    // HTTP/1.1: try idle pooled senders first; a dead one hands the request back.
+    loop {
+        let idle = pool.borrow_mut().h1.get_mut(&addr).and_then(Vec::pop);
+        let Some(mut sender) = idle else { break };
+        if !sender.is_ready() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(res) => {
+                recycle(pool, addr, sender);
+                return Ok(res);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(r) => req = r,
+                None => return Err(AttemptError::Upstream(e.into_error())),
+            },
+        }
+    }
+    let stream = match connect(addr, connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => return Err(AttemptError::Connect(e, req)),
+    };
+    let (mut sender, conn) = match http1::Builder::new().handshake(TokioIo::new(stream)).await {
+        Ok(x) => x,
+        Err(e) => return Err(AttemptError::Connect(std::io::Error::other(e), req)),
+    };
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    match sender.try_send_request(req).await {
+        Ok(res) => {
+            recycle(pool, addr, sender);
+            Ok(res)
+        }
+        Err(mut e) => match e.take_message() {
+            Some(r) => Err(AttemptError::Connect(std::io::Error::other("new connection closed"), r)),
+            None => Err(AttemptError::Upstream(e.into_error())),
+        },
+    }
+}
+
+/// Return an HTTP/1.1 sender to the pool once its response body is done.
+fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+    let pool = Rc::clone(pool);
+    tokio::task::spawn_local(async move {
+        if sender.ready().await.is_ok() {
+            let mut p = pool.borrow_mut();
+            let idle = p.h1.entry(addr).or_default();
+            if idle.len() < MAX_IDLE_PER_ADDR {
+                idle.push(sender);
+            }
+        }
+    });
+}

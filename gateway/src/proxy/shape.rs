@@ -1,0 +1,156 @@
+//! Phase *shape*: turn the client's request head into the upstream's. Removes hop-by-hop
+//! headers and anything the client may not set (an untrusted `X-Cell-ID` or `X-Gray-Tag`),
+//! adds the contract headers of SPEC §2.5, and fixes the URI form for the upstream
+//! protocol. The remaining deadline is written per attempt by [`set_remaining`].
+
+use std::time::Duration;
+
+use http::header::{HeaderName, HOST, TE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+
+use super::deadline::{remaining_grpc_timeout, remaining_x_timeout};
+use super::headers::*;
+use super::ConnInfo;
+
+/// What the upstream request carries besides the client's headers.
+#[derive(Debug)]
+pub struct Shape<'a> {
+    /// `X-Cell-ID`.
+    pub cell: &'a HeaderValue,
+    /// `X-Routing-Version`.
+    pub version: &'a HeaderValue,
+    /// `X-Gray-Tag`.
+    pub gray: Option<&'a HeaderValue>,
+    /// `X-Request-ID`.
+    pub request_id: &'a HeaderValue,
+    /// The client connection.
+    pub conn: &'a ConnInfo,
+}
+
+/// Rewrite `headers` for the upstream.
+pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
+    strip_hop_by_hop(headers, true);
+    let traceparent = super::ids::traceparent(headers.get(TRACEPARENT));
+    headers.insert(X_CELL_ID, s.cell.clone());
+    headers.insert(X_ROUTING_VERSION, s.version.clone());
+    match s.gray {
+        Some(g) => {
+            headers.insert(X_GRAY_TAG, g.clone());
+        }
+        None => {
+            headers.remove(X_GRAY_TAG);
+        }
+    }
+    headers.insert(X_REQUEST_ID, s.request_id.clone());
+    headers.insert(TRACEPARENT, traceparent);
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text)).unwrap_or_else(|_| s.conn.peer_ip.clone())
+        }
+        _ => s.conn.peer_ip.clone(),
+    };
+    headers.insert(X_FORWARDED_FOR, xff);
+    headers.insert(X_FORWARDED_PROTO, s.conn.proto.clone());
+}
+
+/// Remove hop-by-hop headers (and the ones `Connection` names). `keep_te_trailers` keeps
+/// `TE: trailers`, which gRPC needs end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    if let Some(conn) = headers.get(http::header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            if n != TE && n != X_CELL_ID {
+                headers.remove(n);
+            }
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    let te_trailers = keep_te_trailers && headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers.remove(TE);
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Set the URI and `Host` for the upstream protocol: origin-form plus `Host` for HTTP/1.1,
+/// absolute `http://authority/path` for HTTP/2.
+pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_authority: &str) {
+    let authority: Option<Authority> = uri
+        .authority()
+        .cloned()
+        .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()))
+        .or_else(|| fallback_authority.parse().ok());
+    let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if h2 {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = authority;
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = Uri::from_parts(parts) {
+            *uri = u;
+        }
+        headers.remove(HOST);
+    } else {
+        if !headers.contains_key(HOST) {
+            if let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                headers.insert(HOST, a);
+            }
+        }
+        *uri = Uri::from(pq);
+    }
+}
+
+/// Write the remaining budget (`X-Timeout`, and `grpc-timeout` for gRPC).
+pub fn set_remaining(headers: &mut HeaderMap, rem: Duration, grpc: bool) {
+    headers.insert(X_TIMEOUT, remaining_x_timeout(rem));
+    if grpc {
+        headers.insert(GRPC_TIMEOUT, remaining_grpc_timeout(rem));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("connection").is_none() && h.get("keep-alive").is_none() && h.get("x-secret").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-keep").is_some());
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.get("te").is_none());
+    }
+
+    #[test]
+    fn targets() {
+        let mut uri: Uri = "http://example.com/a?b=1".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        set_target(&mut uri, &mut h, false, "10.0.0.1:80");
+        assert_eq!(uri.to_string(), "/a?b=1");
+        assert_eq!(h.get(HOST).map(|v| v.as_bytes()), Some(&b"example.com"[..]));
+        let mut uri: Uri = "/svc.Echo/Say".parse().expect("uri");
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("api.local:8080"));
+        set_target(&mut uri, &mut h, true, "10.0.0.1:80");
+        assert_eq!(uri.to_string(), "http://api.local:8080/svc.Echo/Say");
+        assert!(h.get(HOST).is_none());
+    }
+}

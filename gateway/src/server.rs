@@ -1,0 +1,261 @@
+//! The gateway process: shared state, listeners, one single-threaded runtime per worker
+//! thread (each accepting on the shared listening sockets and owning its own upstream
+//! pool), configuration reload, and signals.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use cellgate_config::Config;
+use cellgate_health::{EjectionPolicy, HealthRegistry};
+use cellgate_routing::RoutingTable;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::proxy::{ConnInfo, Proxy, Worker};
+
+/// Runs futures on the current thread's `LocalSet` (hyper's executor for a worker).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::task::spawn_local(fut);
+    }
+}
+
+/// State shared by all workers.
+#[derive(Debug)]
+pub struct Shared {
+    /// The current routing table: one immutable snapshot, swapped whole.
+    pub table: ArcSwap<RoutingTable>,
+    /// Health state by instance identity; survives table swaps.
+    pub health: HealthRegistry,
+    /// Passive ejection settings.
+    pub ejection: EjectionPolicy,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] cellgate_config::ConfigError),
+    /// A listener could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The runtime could not start.
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    /// An option is not available.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// How to run the gateway.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The configuration (already validated).
+    pub config: Config,
+    /// The file it came from; watched for changes when set.
+    pub config_path: Option<PathBuf>,
+    /// Override of `listen.http`.
+    pub listen: Option<String>,
+    /// Override of `workers`.
+    pub workers: Option<usize>,
+    /// How often the file is checked for changes.
+    pub watch_interval: Duration,
+}
+
+impl RunOptions {
+    /// Options for `config` with defaults.
+    pub fn new(config: Config) -> Self {
+        Self { config, config_path: None, listen: None, workers: None, watch_interval: Duration::from_millis(250) }
+    }
+}
+
+/// A started gateway: listeners bound, workers running.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// Bound proxy address.
+    pub http_addr: SocketAddr,
+    /// Bound TLS address, if any.
+    pub tls_addr: Option<SocketAddr>,
+    opts: RunOptions,
+}
+
+fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
+    let err = |source| GatewayError::Listen { addr: addr.to_owned(), source };
+    let sa: SocketAddr = addr
+        .parse()
+        .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not ip:port")))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(sa), socket2::Type::STREAM, None).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&sa.into()).map_err(err)?;
+    socket.listen(4096).map_err(err)?;
+    Ok(socket.into())
+}
+
+impl Gateway {
+    /// Build the first table, bind the listeners and start the workers.
+    pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
+        let health = HealthRegistry::new();
+        let table = opts.config.build_table(1, &health)?;
+        let shared = Arc::new(Shared { table: ArcSwap::from_pointee(table), health, ejection: EjectionPolicy::default() });
+
+        let http_listen = opts.listen.clone().unwrap_or_else(|| opts.config.listen.http.clone());
+        let http = bind(&http_listen)?;
+        let http_addr = http.local_addr().map_err(GatewayError::Runtime)?;
+        let tls = match &opts.config.listen.tls {
+            Some(t) => {
+                let acceptor = TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?);
+                Some((bind(&t.listen)?, acceptor))
+            }
+            None => None,
+        };
+        let tls_addr = match &tls {
+            Some((l, _)) => Some(l.local_addr().map_err(GatewayError::Runtime)?),
+            None => None,
+        };
+
+        let workers = opts
+            .workers
+            .filter(|&w| w > 0)
+            .or(Some(opts.config.workers).filter(|&w| w > 0))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        for n in 0..workers {
+            let shared = Arc::clone(&shared);
+            let http = http.try_clone().map_err(GatewayError::Runtime)?;
+            let tls = match &tls {
+                Some((l, a)) => Some((l.try_clone().map_err(GatewayError::Runtime)?, a.clone())),
+                None => None,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(GatewayError::Runtime)?;
+            std::thread::Builder::new()
+                .name(format!("cellgate-worker-{n}"))
+                .spawn(move || {
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&rt, worker_main(shared, http, tls));
+                })
+                .map_err(GatewayError::Runtime)?;
+        }
+        tracing::info!(listener = "proxy", addr = %http_addr, workers, "listening");
+        if let Some(a) = tls_addr {
+            tracing::info!(listener = "tls", addr = %a, "listening");
+        }
+        Ok(Self { shared, http_addr, tls_addr, opts })
+    }
+
+    /// Serve until SIGTERM or SIGINT, hot-applying configuration-file changes (file watch
+    /// and SIGHUP).
+    pub fn run_until_signal(self) -> Result<(), GatewayError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(GatewayError::Runtime)?;
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Runtime)?;
+            let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
+            let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
+            if let Some(path) = self.opts.config_path.clone() {
+                tokio::spawn(crate::reload::watch_file(Arc::clone(&self.shared), path, self.opts.watch_interval, hup));
+            }
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn worker_main(shared: Arc<Shared>, http: std::net::TcpListener, tls: Option<(std::net::TcpListener, TlsAcceptor)>) {
+    let worker = Worker::new(shared);
+    if let Some((l, acceptor)) = tls {
+        match TcpListener::from_std(l) {
+            Ok(l) => {
+                tokio::task::spawn_local(accept_loop(Rc::clone(&worker), l, Some(acceptor)));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register TLS listener"),
+        }
+    }
+    match TcpListener::from_std(http) {
+        Ok(l) => accept_loop(worker, l, None).await,
+        Err(e) => tracing::error!(error = %e, "cannot register proxy listener"),
+    }
+}
+
+async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = Rc::clone(&worker);
+        let tls = tls.clone();
+        tokio::task::spawn_local(async move {
+            match tls {
+                None => serve(TokioIo::new(stream), Proxy::new(worker, ConnInfo::new(peer, false))).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve(TokioIo::new(s), Proxy::new(worker, ConnInfo::new(peer, true))).await,
+                        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve<I>(io: I, proxy: Proxy)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+{
+    let mut builder = auto::Builder::new(LocalExec);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .max_pending_accept_reset_streams(64)
+        .keep_alive_interval(None);
+    if let Err(e) = builder.serve_connection(io, TowerToHyperService::new(proxy)).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
