@@ -1,0 +1,109 @@
+//! gRPC through the gateway with a real gRPC client and server (Python grpcio): unary,
+//! server streaming and an error status are routed by key, with trailers and
+//! `grpc-status` intact.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc/echo.py");
+
+struct GrpcServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn grpc_server(cell: &str) -> GrpcServer {
+    let mut child = Command::new("python3")
+        .args([SCRIPT, "serve", "--cell", cell])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 with grpcio (the test command installs it)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("gRPC server did not start: {line:?}"));
+    GrpcServer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+}
+
+fn grpc_call(gateway: SocketAddr, key: &str) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args([SCRIPT, "call", "--target", &gateway.to_string(), "--key", key])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_streaming_and_errors_are_routed_by_key_with_trailers_intact() {
+    let servers = [grpc_server("g-1"), grpc_server("g-2"), grpc_server("g-3")];
+    let yaml = config_yaml(
+        &[
+            cell("g-1", "r1", &[], &[("g-1-a", servers[0].addr)]),
+            cell("g-2", "r1", &[], &[("g-2-a", servers[1].addr)]),
+            cell("g-3", "r2", &[], &[("g-3-a", servers[2].addr)]),
+        ],
+        "",
+    );
+    let dir = TempDir::new("grpc");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&yaml);
+    let mut cells = std::collections::BTreeSet::new();
+    for key in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let want = expected_cell(&table, key);
+        let r = grpc_call(gw.addr, key);
+        let u = &r["unary"];
+        assert_eq!(u["code"], "OK");
+        assert_eq!(u["body"]["cell"], want.as_str(), "key {key}");
+        assert_eq!(u["body"]["x-cell-id"], want.as_str());
+        assert_eq!(u["initial"]["x-cell-id"], want.as_str(), "response carries X-Cell-ID");
+        assert_eq!(u["trailing"]["x-served-by"], want.as_str(), "custom trailer intact");
+        let left = u["body"]["time_remaining"].as_f64().expect("the server sees a deadline");
+        assert!((5.0..=10.0).contains(&left), "the 10 s deadline reaches the server through grpc-timeout: {left}");
+        let s = &r["stream"];
+        assert_eq!(s["code"], "OK");
+        let msgs = s["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 3);
+        for (i, m) in msgs.iter().enumerate() {
+            assert_eq!(m["i"], i);
+            assert_eq!(m["cell"], want.as_str());
+        }
+        assert_eq!(s["trailing"]["x-stream-count"], "3");
+        let f = &r["fail"];
+        assert_eq!(f["code"], "NOT_FOUND");
+        assert_eq!(f["details"], format!("no such order in {want}"));
+        assert_eq!(f["trailing"]["x-fail-detail"], format!("missing-{want}"));
+        cells.insert(want);
+    }
+    assert!(cells.len() >= 2, "keys spread over cells: {cells:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_clients_get_a_grpc_status_when_no_cell_serves() {
+    let dead = dead_addr();
+    let yaml = config_yaml(&[cell("g-1", "r1", &[], &[("g-1-a", dead)])], "");
+    let dir = TempDir::new("grpc-err");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let out = Command::new("python3")
+        .args([SCRIPT, "call", "--target", &gw.addr.to_string(), "--key", "alice"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UNAVAILABLE") && err.contains("cannot connect"), "grpc status from the gateway: {err}");
+}

@@ -1,0 +1,219 @@
+//! Requests land in their key's home cell over HTTP/1.1, h2c and HTTP/2 over TLS, carrying
+//! the contract headers of SPEC §2.5 upstream and `X-Cell-ID` / `X-Request-ID` back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+struct Fleet {
+    _ups: Vec<Upstream>,
+    yaml: String,
+}
+
+fn three_cells(extra: &str) -> Fleet {
+    let ups: Vec<Upstream> = vec![
+        upstream("bj-1", "bj-1-a"),
+        upstream("bj-1", "bj-1-b"),
+        upstream("bj-2", "bj-2-a"),
+        upstream("sh-1", "sh-1-a"),
+    ];
+    let yaml = config_yaml(
+        &[
+            cell("bj-1", "bj", &["bj-2", "sh-1"], &[("bj-1-a", ups[0].addr), ("bj-1-b", ups[1].addr)]),
+            cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[2].addr)]),
+            cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[3].addr)]),
+        ],
+        extra,
+    );
+    Fleet { _ups: ups, yaml }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_requests_land_in_the_home_cell_every_time() {
+    let f = three_cells("");
+    let dir = TempDir::new("h1");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&f.yaml);
+    let mut c = H1::connect(gw.addr).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..60 {
+        let key = format!("user-{i}");
+        let want = expected_cell(&table, &key);
+        for _ in 0..2 {
+            let r = c.get("/anything", &[("x-user-id", &key)]).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.header("x-cell-id"), Some(want.as_str()), "key {key}");
+            assert_eq!(r.json()["cell"], want.as_str(), "served by an instance of {want}");
+            assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
+        }
+        seen.insert(want);
+    }
+    assert_eq!(seen.len(), 3, "60 keys spread over all three cells");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_receives_contract_headers_and_untrusted_cell_id_is_ignored() {
+    let f = three_cells("");
+    let dir = TempDir::new("hdr");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&f.yaml);
+    let want = expected_cell(&table, "alice");
+    let spoof = if want == "sh-1" { "bj-2" } else { "sh-1" };
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(
+        gw.addr,
+        "/orders/42?x=1",
+        &[
+            ("x-user-id", "alice"),
+            ("x-request-id", "req-from-client-1"),
+            ("traceparent", tp),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-timeout", "2s"),
+            ("x-cell-id", spoof),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "secret"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-cell-id"), Some(want.as_str()), "spoofed X-Cell-ID must not change the route");
+    assert_eq!(r.header("x-request-id"), Some("req-from-client-1"));
+    let body = r.json();
+    assert_eq!(body["cell"], want.as_str());
+    assert_eq!(body["path"], "/orders/42");
+    assert_eq!(r.echoed("x-cell-id").as_deref(), Some(want.as_str()), "upstream sees the decided cell, not the spoof");
+    assert_eq!(r.echoed("x-routing-version").as_deref(), Some("1"));
+    assert_eq!(r.echoed("x-request-id").as_deref(), Some("req-from-client-1"));
+    let tp_up = r.echoed("traceparent").unwrap();
+    assert!(tp_up.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "trace continued: {tp_up}");
+    assert_ne!(&tp_up[36..52], "00f067aa0ba902b7", "new parent id for this hop");
+    assert_eq!(r.echoed("x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(r.echoed("x-forwarded-proto").as_deref(), Some("http"));
+    let xt = r.echoed("x-timeout").unwrap();
+    let ms: u64 = xt.strip_suffix("ms").unwrap().parse().unwrap();
+    assert!((1000..=2000).contains(&ms), "remaining budget of a 2s deadline, got {xt}");
+    assert_eq!(r.echoed("x-hop"), None, "headers named by Connection are hop-by-hop");
+    assert_eq!(r.echoed("connection"), None);
+
+    // Without client ids, the gateway makes them.
+    let r = get(gw.addr, "/", &[("x-user-id", "alice")]).await;
+    let rid = r.header("x-request-id").unwrap().to_owned();
+    assert_eq!(r.echoed("x-request-id").as_deref(), Some(rid.as_str()));
+    let tp = r.echoed("traceparent").unwrap();
+    assert_eq!(tp.len(), 55);
+    assert!(tp.starts_with("00-"));
+    let ms: u64 = r.echoed("x-timeout").unwrap().strip_suffix("ms").unwrap().parse().unwrap();
+    assert!((14_000..=15_000).contains(&ms), "default 15s budget, got {ms}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_clients_may_force_a_cell() {
+    let f = three_cells("routing:\n  trusted_cidrs: [127.0.0.0/8]\n");
+    let dir = TempDir::new("trust");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&f.yaml);
+    let want = expected_cell(&table, "alice");
+    let force = if want == "sh-1" { "bj-2" } else { "sh-1" };
+    let r = get(gw.addr, "/", &[("x-user-id", "alice"), ("x-cell-id", force)]).await;
+    assert_eq!(r.header("x-cell-id"), Some(force));
+    assert_eq!(r.json()["cell"], force);
+    let r = get(gw.addr, "/", &[("x-user-id", "alice"), ("x-cell-id", "nope")]).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("unknown cell"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_is_routed_by_key() {
+    let f = three_cells("");
+    let dir = TempDir::new("h2c");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&f.yaml);
+    let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    for key in ["alice", "bob", "carol", "dave", "erin"] {
+        let req = Request::get(format!("http://gateway.test/h2/{key}"))
+            .header("x-user-id", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        assert_eq!(res.status(), 200);
+        let want = expected_cell(&table, key);
+        assert_eq!(res.headers()["x-cell-id"], want.as_str());
+        let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["cell"], want.as_str());
+        assert_eq!(body["path"], format!("/h2/{key}"));
+        assert_eq!(body["headers"]["host"], "gateway.test", "authority becomes Host for an HTTP/1.1 upstream");
+    }
+}
+
+fn tls_client_config(ca_der: Vec<u8>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(ca_der)).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_http1_over_tls_with_alpn_are_routed_by_key() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = TempDir::new("tls");
+    std::fs::write(dir.path("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.path("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let f = three_cells(&format!(
+        "listen:\n  http: 127.0.0.1:0\n  tls:\n    listen: 127.0.0.1:0\n    cert: {}\n    key: {}\n",
+        dir.path("cert.pem").display(),
+        dir.path("key.pem").display()
+    ));
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let tls_addr = gw.tls_addr.expect("TLS listener");
+    let table = table_of(&f.yaml);
+    let want = expected_cell(&table, "alice");
+    let ca = cert.cert.der().to_vec();
+
+    // HTTP/2 by ALPN.
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(ca.clone(), &[b"h2", b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://localhost/secure").header("x-user-id", "alice").body(Full::new(Bytes::new())).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.headers()["x-cell-id"], want.as_str());
+    let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["cell"], want.as_str());
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https");
+
+    // HTTP/1.1 by ALPN.
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(ca, &[b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/secure").header("host", "localhost").header("x-user-id", "alice").body(Full::new(Bytes::new())).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.version(), http::Version::HTTP_11);
+    assert_eq!(res.headers()["x-cell-id"], want.as_str());
+}
