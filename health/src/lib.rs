@@ -69,6 +69,8 @@ impl InstanceHealth {
         self.requests.fetch_add(1, Ordering::Relaxed);
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
             self.ejections.store(0, Ordering::Relaxed);
         }
     }

@@ -1,0 +1,544 @@
+#!/usr/bin/env bash
+# cellgate load comparison (shared/PERF.md, "The load comparison").
+#
+#   benches/load/run.sh
+#
+# Starts three nginx upstreams on loopback, then the same job through each
+# target, one worker/thread each: route by hashing X-User-ID over the three
+# upstreams, add a header, keep-alive to the upstreams:
+#   direct    wrk straight to upstream 1 (the physical limit)
+#   nginx     hash $http_x_user_id consistent + keepalive, worker_processes 1
+#   haproxy   balance hdr(X-User-ID) + hash-type consistent + http-reuse always, nbthread 1
+#   cellgate  target/release/cellgate run --workers 1, three one-instance cells
+# and measures req/s, p50, p99 and CPU µs per request (utime+stime of the
+# proxy process(es) from /proc/<pid>/stat over the run / requests completed).
+# Targets alternate (A B C D A B C D ...).  Then an HTTP/2 (h2c) run with
+# h2load and a fixed-rate run (benches/load/fixedrate.py) at about half the
+# best peer's capacity.  Prints a markdown table and writes it to
+# bench-results/load-<timestamp>.md (raw outputs in bench-results/load-<timestamp>/).
+#
+# Environment knobs (defaults in brackets):
+#   DURATION=10s        length of each measured wrk / h2load / fixed-rate run
+#   ROUNDS=2            times each target is run (alternating), per phase
+#   CONNECTIONS=50      wrk and fixed-rate client connections
+#   WARMUP=2s           unrecorded wrk run per target before the first round (0 = none)
+#   TARGETS="direct nginx haproxy cellgate"   subset / order of targets
+#   H2=1                run the HTTP/2 phase (0 = skip)
+#   H2_DURATION=$DURATION  h2load duration
+#   FIXED=1             run the fixed-rate phase (0 = skip)
+#   FIXED_RATE=         req/s for it; default: half the best of nginx/haproxy's median req/s
+#   FIXED_PROCS=1       client processes for the fixed-rate run
+#   BUILD=1             cargo build --release -p cellgate first (0 = use the existing binary)
+#   CELLGATE_BIN=       use this binary instead (implies BUILD=0)
+#   CARGO_TARGET_DIR    honoured for the build and for finding the binary (default: target/)
+#   INSTALL=1           apt-get install missing nginx/haproxy/wrk/h2load/curl/python3 (0 = fail instead)
+#   OUT_DIR=bench-results   where the report goes (relative to the repository root)
+#   KEEP_WORK=0         keep the temporary directory with configs and logs
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HERE="$ROOT/benches/load"
+cd "$ROOT"
+
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-2}
+CONNECTIONS=${CONNECTIONS:-50}
+WARMUP=${WARMUP:-2s}
+TARGETS=${TARGETS:-"direct nginx haproxy cellgate"}
+H2=${H2:-1}
+H2_DURATION=${H2_DURATION:-$DURATION}
+FIXED=${FIXED:-1}
+FIXED_RATE=${FIXED_RATE:-}
+FIXED_PROCS=${FIXED_PROCS:-1}
+BUILD=${BUILD:-1}
+CELLGATE_BIN=${CELLGATE_BIN:-}
+INSTALL=${INSTALL:-1}
+OUT_DIR=${OUT_DIR:-bench-results}
+KEEP_WORK=${KEEP_WORK:-0}
+
+log() { printf '[load %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# "10s", "2m", "10" -> whole seconds
+secs() {
+  local v=$1
+  case $v in
+    *ms) echo 1 ;;
+    *s) echo "${v%s}" ;;
+    *m) echo $(( ${v%m} * 60 )) ;;
+    *h) echo $(( ${v%h} * 3600 )) ;;
+    *) echo "$v" ;;
+  esac
+}
+DUR_S=$(secs "$DURATION"); H2_DUR_S=$(secs "$H2_DURATION"); WARM_S=$(secs "$WARMUP")
+[[ $DUR_S =~ ^[0-9]+$ && $DUR_S -ge 1 ]] || die "DURATION must be like 10s, 1m (got $DURATION)"
+[[ $H2_DUR_S =~ ^[0-9]+$ && $H2_DUR_S -ge 1 ]] || die "H2_DURATION must be like 10s (got $H2_DURATION)"
+[[ $WARM_S =~ ^[0-9]+$ ]] || die "WARMUP must be like 2s or 0 (got $WARMUP)"
+[[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 && $ROUNDS -le 50 ]] || die "ROUNDS must be 1..50"
+[[ $CONNECTIONS =~ ^[0-9]+$ && $CONNECTIONS -ge 1 && $CONNECTIONS -le 10000 ]] || die "CONNECTIONS must be 1..10000"
+[[ $FIXED_PROCS =~ ^[0-9]+$ && $FIXED_PROCS -ge 1 && $FIXED_PROCS -le 16 ]] || die "FIXED_PROCS must be 1..16"
+for t in $TARGETS; do
+  case $t in direct|nginx|haproxy|cellgate) ;; *) die "unknown target '$t' (direct nginx haproxy cellgate)" ;; esac
+done
+
+# ---------------------------------------------------------------- tools ----
+need_pkgs=()
+for pair in nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3 getconf:libc-bin; do
+  bin=${pair%%:*}; pkg=${pair#*:}
+  if ! command -v "$bin" >/dev/null 2>&1 && [[ ! -x /usr/sbin/$bin ]]; then need_pkgs+=("$pkg"); fi
+done
+if ((${#need_pkgs[@]})); then
+  [[ $INSTALL == 1 ]] || die "missing packages: ${need_pkgs[*]} (INSTALL=0)"
+  log "installing ${need_pkgs[*]}"
+  SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y "${need_pkgs[@]}" >/dev/null 2>&1 \
+    || { $SUDO apt-get update >/dev/null 2>&1 && $SUDO apt-get install -y "${need_pkgs[@]}" >/dev/null; } \
+    || die "apt-get install ${need_pkgs[*]} failed"
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+for b in nginx haproxy wrk h2load curl python3 getconf; do command -v "$b" >/dev/null || die "$b not found"; done
+HZ=$(getconf CLK_TCK)
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# ---------------------------------------------------------------- build ----
+if [[ -n $CELLGATE_BIN ]]; then
+  BIN=$CELLGATE_BIN
+else
+  TDIR=${CARGO_TARGET_DIR:-$ROOT/target}
+  [[ $TDIR = /* ]] || TDIR=$ROOT/$TDIR
+  BIN=$TDIR/release/cellgate
+  if [[ $BUILD == 1 ]]; then
+    log "cargo build --release -p cellgate (target dir $TDIR)"
+    cargo build --release -p cellgate >&2 || die "cargo build failed"
+  fi
+fi
+[[ -x $BIN ]] || die "cellgate binary not found at $BIN (build it or set CELLGATE_BIN)"
+
+# ------------------------------------------------------- process control ----
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/cellgate-load.XXXXXX")
+PIDS=()        # every process started, for the EXIT trap
+cleanup() {
+  local rc=$? pid i alive
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for ((i = 0; i < 50; i++)); do     # at most 5 s for a clean stop
+    alive=0
+    for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [[ $KEEP_WORK == 1 || $rc -ne 0 ]]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# free loopback ports, all taken at once so they differ
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+
+# wait (at most ~10 s) until a loopback port accepts connections
+wait_port() {
+  local port=$1 what=$2 pid=${3:-} i
+  for ((i = 0; i < 100; i++)); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then die "$what exited before listening (see $WORK)"; fi
+    sleep 0.1
+  done
+  die "$what is not listening on 127.0.0.1:$port after 10 s (see $WORK)"
+}
+
+# sum of utime+stime (clock ticks) of the given pids (fields 14 and 15 of /proc/<pid>/stat)
+cpu_ticks() {
+  local total=0 pid stat rest
+  local -a f
+  for pid in "$@"; do
+    stat=$(<"/proc/$pid/stat") || die "process $pid is gone"
+    rest=${stat##*) }          # fields from 3 on (comm may contain spaces)
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
+
+children() { ps -o pid= --ppid "$1" | tr -s ' \n' ' '; }
+
+# the worker processes of an nginx master (waits at most 5 s for them to appear)
+nginx_workers() {
+  local i kids
+  for ((i = 0; i < 50; i++)); do
+    kids=$(children "$1")
+    [[ -n ${kids// /} ]] && { echo "$kids"; return 0; }
+    sleep 0.1
+  done
+  die "nginx master $1 started no worker"
+}
+
+# requests served so far by one upstream (nginx stub_status)
+up_requests() {
+  local out
+  out=$(curl -s --max-time 2 "http://127.0.0.1:$1/") || { echo -; return; }
+  awk 'NR==3 {print $3}' <<<"$out"
+}
+
+USER_LINE=
+[[ $(id -u) -eq 0 ]] && USER_LINE="user $(id -un) $(id -gn);"
+
+nginx_common() { # $1 = dir
+  cat <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+$USER_LINE
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+worker_rlimit_nofile 16384;
+events { worker_connections 4096; }
+EOF
+}
+nginx_http_common() { # $1 = dir
+  cat <<EOF
+    access_log off;
+    client_body_temp_path $1/tmp/body;
+    proxy_temp_path $1/tmp/proxy;
+    fastcgi_temp_path $1/tmp/fastcgi;
+    uwsgi_temp_path $1/tmp/uwsgi;
+    scgi_temp_path $1/tmp/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+EOF
+}
+
+start_nginx() { # $1 = dir, $2 = name -> sets NGINX_PID
+  mkdir -p "$1/tmp"
+  nginx -t -p "$1" -e "$1/error.log" -c "$1/nginx.conf" >"$1/check.log" 2>&1 \
+    || { cat "$1/check.log" >&2; die "$2: bad nginx config"; }
+  nginx -p "$1" -e "$1/error.log" -c "$1/nginx.conf" >"$1/stdout.log" 2>&1 &
+  NGINX_PID=$!
+  PIDS+=("$NGINX_PID")
+}
+
+# ------------------------------------------------------------ upstreams ----
+read -r UP1 UP2 UP3 ST1 ST2 ST3 UPH2 NGX NGX_H2 HAP HAP_H2 CG CG_ADMIN <<<"$(free_ports 13)"
+UPS=("$UP1" "$UP2" "$UP3"); STATS=("$ST1" "$ST2" "$ST3")
+UP_PIDS=()
+for i in 0 1 2; do
+  d=$WORK/upstream$((i + 1))
+  mkdir -p "$d"
+  h2server=
+  # upstream 1 also listens for h2c (prior knowledge) so HTTP/2 has a "direct" baseline
+  ((i == 0)) && h2server="    server { listen 127.0.0.1:$UPH2 http2; default_type text/plain; location / { return 200 \"upstream-1 ok\\n\"; } }"
+  {
+    nginx_common "$d"
+    echo "http {"
+    nginx_http_common "$d"
+    cat <<EOF
+    server {
+        listen 127.0.0.1:${UPS[$i]} backlog=4096;
+        default_type text/plain;
+        location / { return 200 "upstream-$((i + 1)) ok\n"; }
+    }
+    server { listen 127.0.0.1:${STATS[$i]}; location / { stub_status; } }
+$h2server
+}
+EOF
+  } >"$d/nginx.conf"
+  start_nginx "$d" "upstream $((i + 1))"
+  UP_PIDS+=("$NGINX_PID")
+done
+for i in 0 1 2; do wait_port "${UPS[$i]}" "upstream $((i + 1))" "${UP_PIDS[$i]}"; done
+wait_port "$UPH2" "upstream 1 (h2c)"
+UP_ALL=("${UP_PIDS[@]}")
+for p in "${UP_PIDS[@]}"; do
+  kids=$(nginx_workers "$p")
+  # shellcheck disable=SC2206
+  UP_ALL+=($kids); PIDS+=($kids)
+done
+log "upstreams on 127.0.0.1:$UP1 $UP2 $UP3 (h2c on $UPH2)"
+
+# -------------------------------------------------------------- targets ----
+declare -A PORT H2PORT TPIDS
+PORT[direct]=$UP1; H2PORT[direct]=$UPH2; TPIDS[direct]=""
+
+start_target() {
+  local t=$1 d
+  case $t in
+  direct) ;;
+  nginx)
+    d=$WORK/nginx; mkdir -p "$d"
+    {
+      nginx_common "$d"
+      echo "http {"
+      nginx_http_common "$d"
+      cat <<EOF
+    upstream cells {
+        hash \$http_x_user_id consistent;
+        server 127.0.0.1:$UP1;
+        server 127.0.0.1:$UP2;
+        server 127.0.0.1:$UP3;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGX backlog=4096;
+        listen 127.0.0.1:$NGX_H2 http2 backlog=4096;
+        location / {
+            proxy_pass http://cells;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Cell-ID "hashed-by-nginx";
+        }
+    }
+}
+EOF
+    } >"$d/nginx.conf"
+    start_nginx "$d" nginx
+    wait_port "$NGX" nginx "$NGINX_PID"
+    wait_port "$NGX_H2" "nginx (h2c)" "$NGINX_PID"
+    local kids; kids=$(nginx_workers "$NGINX_PID")
+    # shellcheck disable=SC2206
+    PIDS+=($kids)
+    TPIDS[nginx]="$NGINX_PID $kids"
+    PORT[nginx]=$NGX; H2PORT[nginx]=$NGX_H2
+    ;;
+  haproxy)
+    d=$WORK/haproxy; mkdir -p "$d"
+    cat >"$d/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4000
+    pidfile $d/haproxy.pid
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+
+frontend fe
+    bind 127.0.0.1:$HAP
+    bind 127.0.0.1:$HAP_H2 proto h2
+    http-request set-header X-Cell-ID hashed-by-haproxy
+    default_backend cells
+
+backend cells
+    balance hdr(X-User-ID)
+    hash-type consistent
+    http-reuse always
+    server u1 127.0.0.1:$UP1
+    server u2 127.0.0.1:$UP2
+    server u3 127.0.0.1:$UP3
+EOF
+    haproxy -c -f "$d/haproxy.cfg" >"$d/check.log" 2>&1 || { cat "$d/check.log" >&2; die "bad haproxy config"; }
+    haproxy -db -f "$d/haproxy.cfg" >"$d/haproxy.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$HAP" haproxy "$pid"
+    wait_port "$HAP_H2" "haproxy (h2c)" "$pid"
+    TPIDS[haproxy]=$pid
+    PORT[haproxy]=$HAP; H2PORT[haproxy]=$HAP_H2
+    ;;
+  cellgate)
+    d=$WORK/cellgate; mkdir -p "$d"
+    cat >"$d/cellgate.yaml" <<EOF
+# generated by benches/load/run.sh: three one-instance cells, slot table omitted
+# (equal ranges), keyless requests rejected.
+listen:
+  http: 127.0.0.1:$CG
+admin:
+  listen: 127.0.0.1:$CG_ADMIN
+  token: load-bench
+routing:
+  key_sources:
+    - header: X-User-ID
+  anonymous:
+    policy: reject
+regions: [r1]
+cells:
+  - id: c1
+    region: r1
+    failover: [c2]
+    instances:
+      - { name: c1-a, addr: "127.0.0.1:$UP1" }
+  - id: c2
+    region: r1
+    failover: [c3]
+    instances:
+      - { name: c2-a, addr: "127.0.0.1:$UP2" }
+  - id: c3
+    region: r1
+    failover: [c1]
+    instances:
+      - { name: c3-a, addr: "127.0.0.1:$UP3" }
+EOF
+    "$BIN" validate --config "$d/cellgate.yaml" >"$d/validate.log" 2>&1 \
+      || { cat "$d/validate.log" >&2; die "cellgate rejects the generated config"; }
+    "$BIN" run --config "$d/cellgate.yaml" --listen "127.0.0.1:$CG" --workers 1 >"$d/stdout.log" 2>"$d/stderr.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$CG" cellgate "$pid"
+    TPIDS[cellgate]=$pid
+    PORT[cellgate]=$CG; H2PORT[cellgate]=$CG
+    ;;
+  esac
+}
+
+# one request per target: must be 2xx (and cellgate must reject a keyless one)
+smoke() {
+  local t=$1 code
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'X-User-ID: smoke-1' "http://127.0.0.1:${PORT[$t]}/") || true
+  [[ $code == 2* ]] || die "$t: smoke request answered '$code' (see $WORK)"
+  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --http2-prior-knowledge -H 'X-User-ID: smoke-1' "http://127.0.0.1:${H2PORT[$t]}/") || true
+  [[ $code == 2* ]] || die "$t: h2c smoke request answered '$code' (see $WORK)"
+  if [[ $t == cellgate ]]; then
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$CG/") || true
+    [[ $code == 4* ]] || log "note: cellgate answered '$code' to a keyless request (policy reject expects 4xx)"
+  fi
+}
+
+for t in $TARGETS; do start_target "$t"; smoke "$t"; log "$t ready on 127.0.0.1:${PORT[$t]} (h2c ${H2PORT[$t]}) pids: ${TPIDS[$t]:-none}"; done
+
+# --------------------------------------------------------------- report ----
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+[[ $OUT_DIR = /* ]] || OUT_DIR=$ROOT/$OUT_DIR
+RAW=$OUT_DIR/load-$STAMP
+mkdir -p "$RAW"
+RESULTS=$RAW/results.tsv
+META=$RAW/meta.tsv
+printf '# kind\ttarget\tround\traw\tproxy_ticks\tupstream_ticks\tup1\tup2\tup3\telapsed_s\n' >"$RESULTS"
+
+ups_snapshot() { echo "$(up_requests "$ST1") $(up_requests "$ST2") $(up_requests "$ST3")"; }
+delta() { [[ $1 == - || $2 == - ]] && { echo -; return; }; echo $(($2 - $1)); }
+
+# measure: kind target round rawfile -- command...
+measure() {
+  local kind=$1 t=$2 r=$3 raw=$4; shift 5
+  local p0 p1 u0 u1 s0 s1 t0 t1 pids=${TPIDS[$t]:-}
+  # shellcheck disable=SC2086
+  { [[ -n $pids ]] && p0=$(cpu_ticks $pids); } || p0=-
+  u0=$(cpu_ticks "${UP_ALL[@]}"); read -r -a s0 <<<"$(ups_snapshot)"
+  t0=$(date +%s.%N)
+  "$@" >"$raw" 2>&1 || log "warning: $kind $t round $r: client exited non-zero (see $raw)"
+  t1=$(date +%s.%N)
+  # shellcheck disable=SC2086
+  { [[ -n $pids ]] && p1=$(cpu_ticks $pids); } || p1=-
+  u1=$(cpu_ticks "${UP_ALL[@]}"); read -r -a s1 <<<"$(ups_snapshot)"
+  # stub_status counts its own request: subtract it from the snapshot deltas
+  local d1 d2 d3
+  d1=$(delta "${s0[0]}" "${s1[0]}"); d2=$(delta "${s0[1]}" "${s1[1]}"); d3=$(delta "${s0[2]}" "${s1[2]}")
+  [[ $d1 != - ]] && d1=$((d1 - 1)); [[ $d2 != - ]] && d2=$((d2 - 1)); [[ $d3 != - ]] && d3=$((d3 - 1))
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$t" "$r" "$raw" \
+    "$([[ $p0 == - ]] && echo - || echo $((p1 - p0)))" "$((u1 - u0))" "$d1" "$d2" "$d3" \
+    "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')" >>"$RESULTS"
+}
+
+for t in $TARGETS; do for p in ${TPIDS[$t]:-}; do kill -0 "$p" 2>/dev/null || die "$t process $p died"; done; done
+
+WRK=(wrk -t1 "-c$CONNECTIONS" --latency -s "$HERE/userid.lua")
+if ((WARM_S > 0)); then
+  for t in $TARGETS; do
+    log "warm-up $t (${WARM_S}s)"
+    timeout $((WARM_S + 30)) "${WRK[@]}" "-d${WARM_S}s" "http://127.0.0.1:${PORT[$t]}/" >"$RAW/warmup-$t.txt" 2>&1 || true
+  done
+fi
+
+check_alive() {
+  local t p
+  for t in $TARGETS; do for p in ${TPIDS[$t]:-}; do
+    kill -0 "$p" 2>/dev/null || die "$t (pid $p) died during the benchmark; see $WORK"
+  done; done
+}
+
+# ---- HTTP/1.1 closed loop
+for ((r = 1; r <= ROUNDS; r++)); do
+  for t in $TARGETS; do
+    log "h1 round $r/$ROUNDS: $t (wrk ${DUR_S}s)"
+    measure h1 "$t" "$r" "$RAW/h1-$t-$r.txt" -- \
+      timeout $((DUR_S + 30)) "${WRK[@]}" "-d${DUR_S}s" "http://127.0.0.1:${PORT[$t]}/"
+    check_alive
+  done
+done
+
+# ---- HTTP/2 (h2c prior knowledge)
+if [[ $H2 == 1 ]]; then
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for t in $TARGETS; do
+      log "h2 round $r/$ROUNDS: $t (h2load ${H2_DUR_S}s)"
+      measure h2 "$t" "$r" "$RAW/h2-$t-$r.txt" -- \
+        timeout $((H2_DUR_S + 40)) h2load -c10 -m10 -t1 -D "$H2_DUR_S" --warm-up-time=1 \
+        -H 'X-User-ID: h2-user-42' "http://127.0.0.1:${H2PORT[$t]}/"
+      check_alive
+    done
+  done
+fi
+
+# ---- fixed rate (open loop)
+FIXED_NOTE=
+FIXED_BASIS=
+if [[ $FIXED == 1 ]]; then
+  if [[ -z $FIXED_RATE ]]; then
+    cap=$(python3 "$HERE/report.py" capacity "$RESULTS")
+    FIXED_RATE=$((cap / 2))
+    FIXED_BASIS="half of the best peer's median closed-loop req/s, $cap"
+  else
+    FIXED_BASIS="set by FIXED_RATE"
+  fi
+  if ((FIXED_RATE < 1)); then
+    FIXED_NOTE="no capacity measured to derive a rate from (set FIXED_RATE)"
+  else
+    for ((r = 1; r <= ROUNDS; r++)); do
+      for t in $TARGETS; do
+        log "fixed-rate round $r/$ROUNDS: $t ($FIXED_RATE req/s, ${DUR_S}s + 1s warm-up)"
+        measure fixed "$t" "$r" "$RAW/fixed-$t-$r.json" -- \
+          timeout $((DUR_S + 60)) python3 "$HERE/fixedrate.py" --port "${PORT[$t]}" --rate "$FIXED_RATE" \
+          --duration "$DUR_S" --warmup 1 --connections "$CONNECTIONS" --procs "$FIXED_PROCS"
+        check_alive
+      done
+    done
+  fi
+else
+  FIXED_NOTE="FIXED=0"
+fi
+
+# ---------------------------------------------------------------- table ----
+h2_skip=
+[[ $H2 == 1 ]] || h2_skip="H2=0"
+{
+  printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+  printf 'machine\t%s cores (nproc), %s, kernel %s\n' "$(nproc)" \
+    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
+  printf 'load average at the end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+  printf 'cellgate\t%s (%s)\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+  printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
+    "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
+    "$(wrk -v 2>&1 | awk 'NR==1{print $2}')" "$(h2load --version 2>&1 | awk '{print $2}')"
+  printf 'settings\tDURATION=%s ROUNDS=%s CONNECTIONS=%s WARMUP=%s, targets alternate: %s\n' \
+    "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$TARGETS"
+  printf 'upstreams\t3 × nginx (worker_processes 1, return 200, keep-alive), one per cell; CPU µs/req = proxy utime+stime (all threads; nginx master+worker) / requests, CLK_TCK=%s\n' "$HZ"
+  printf 'duration\t%s\n' "$DURATION"
+  printf 'rounds\t%s\n' "$ROUNDS"
+  printf 'connections\t%s\n' "$CONNECTIONS"
+  printf 'h2 duration\t%ss\n' "$H2_DUR_S"
+  [[ -n $h2_skip ]] && printf 'h2 skipped\t%s\n' "$h2_skip"
+  [[ $FIXED == 1 && -z $FIXED_NOTE ]] && printf 'fixed rate\t%s\n' "$FIXED_RATE" && printf 'fixed rate basis\t%s\n' "$FIXED_BASIS"
+  [[ -n $FIXED_NOTE ]] && printf 'fixed-rate skipped\t%s\n' "$FIXED_NOTE"
+  printf 'raw outputs\t%s\n' "${RAW#"$ROOT"/}"
+} >"$META"
+python3 "$HERE/report.py" table "$RESULTS" "$META" >"$OUT_DIR/load-$STAMP.md"
+cat "$OUT_DIR/load-$STAMP.md"
+for f in "$WORK"/cellgate/stderr.log; do [[ -f $f ]] && cp "$f" "$RAW/cellgate-stderr.log"; done
+log "report: ${OUT_DIR#"$ROOT"/}/load-$STAMP.md"
