@@ -6,7 +6,8 @@
 
 RESULTS.tsv has one line per run, written by run.sh:
     kind target round rawfile proxy_ticks upstream_ticks up1 up2 up3 elapsed_s
-kind is h1 (wrk), h2 (h2load) or fixed (fixedrate.py, JSON output);
+kind is h1 (wrk), h2 (h2load), fixed (wrk + paced.lua) or fixedpy
+(fixedrate.py, JSON output);
 *_ticks are utime+stime deltas in clock ticks; up1..up3 are the requests each
 upstream served during the run (nginx stub_status).  META is a file of
 `key<TAB>value` lines (machine info, settings) shown at the top.
@@ -108,15 +109,17 @@ def load(tsv):
             "ups": [int(x) if x.lstrip("-").isdigit() else None for x in f[6:9]],
             "elapsed": float(f[9]),
         }
-        if kind == "h1":
+        if kind in ("h1", "fixed"):
             r.update(parse_wrk(raw))
         elif kind == "h2":
             r.update(parse_h2load(raw))
-        elif kind == "fixed":
+        elif kind == "fixedpy":
             j = parse_fixed(raw) or {}
-            r["fixed"] = j
+            r["py"] = j
             r["requests"] = j.get("completed", 0)
             r["rps"] = j.get("achieved_rate")
+            r["p50"] = j.get("service_p50_us")
+            r["p99"] = j.get("service_p99_us")
             r["non2xx"] = j.get("non2xx", 0)
             r["sockerr"] = j.get("errors", 0)
         # CPU per request: all requests the tool completed during the run
@@ -210,7 +213,8 @@ def table(tsv, meta_path):
     w("# cellgate load comparison — %s" % md.get("date", ""))
     w("")
     hidden = {"date", "duration", "rounds", "connections", "h2 duration", "fixed rate",
-              "fixed rate basis", "h2 skipped", "fixed-rate skipped"}
+              "fixed rate basis", "h2 skipped", "fixed-rate skipped", "fixed connections",
+              "fixed client"}
     for k, v in meta:
         if k in hidden:  # used in the section texts below
             continue
@@ -246,7 +250,10 @@ def table(tsv, meta_path):
         w("")
         w("h2load sends one fixed `X-User-ID` (it cannot vary headers per request), so every "
           "request is still hashed and routed but lands on one upstream; h2load reports "
-          "no percentiles, so latency is the mean time per request (100 streams in flight).")
+          "no percentiles, so latency is the mean time per request (100 streams in flight). "
+          "direct = an h2c (`listen ... http2`) listener on upstream 1; nginx and haproxy get an "
+          "h2c listener of their own (`listen ... http2`, `bind ... proto h2`) with the same upstream "
+          "configuration; cellgate serves h2c on its one port.")
         w("")
         if s2:
             brps, bcpu = best_peer(s2)
@@ -264,42 +271,56 @@ def table(tsv, meta_path):
         w("")
 
     # ---- fixed rate ------------------------------------------------------------
-    fixed = [r for r in runs if r["kind"] == "fixed" and r.get("fixed")]
+    fixed = [r for r in runs if r["kind"] in ("fixed", "fixedpy")]
     if fixed or md.get("fixed-rate skipped"):
-        w("## Fixed rate (open loop, `fixedrate.py`), added latency vs direct")
+        python = any(r["kind"] == "fixedpy" for r in fixed)
+        w("## Fixed rate, added latency vs direct")
         w("")
         if fixed:
-            w("Target rate %s req/s (%s), %s keep-alive connections, %s measured + 1 s warm-up per run, "
-              "medians over the runs. Latency is from write to complete response; "
-              "\"intended p99\" counts from when the request was due (includes queueing); "
-              "\"client lag p99\" is how late the Python client itself wrote requests "
-              "(if it is large, the client is the bottleneck and the figures are an upper bound)." % (
-                  md.get("fixed rate", "?"), md.get("fixed rate basis", ""),
-                  md.get("connections", "50"), md.get("duration", "10s")))
+            if python:
+                w("Client: `fixedrate.py` (open loop, Python asyncio), %s connections, %s measured + 1 s "
+                  "warm-up per run. p50/p99 are from write to complete response; \"intended p99\" counts "
+                  "from when the request was due (includes queueing, coordinated-omission corrected); "
+                  "\"client lag p99\" is how late the client itself wrote requests: when it is large the "
+                  "client, not the target, is the limit." % (md.get("fixed connections", "?"), md.get("duration", "10s")))
+            else:
+                w("Client: `wrk -t1 -c%s -d%s --latency -s paced.lua` — wrk paced to a global schedule "
+                  "of the target rate (1 ms timer resolution, random rounding), latencies from write to "
+                  "response (not corrected for coordinated omission; a target that falls behind shows a "
+                  "lower achieved req/s)." % (md.get("fixed connections", "?"), md.get("duration", "10s")))
+            w("Rate: %s req/s (%s). Medians over the runs; CPU µs/req at this load." % (
+                md.get("fixed rate", "?"), md.get("fixed rate basis", "")))
             w("")
-            w("| target | achieved req/s | p50 | p99 | added p99 vs direct | intended p99 | CPU µs/req | client lag p99 | client CPU | errors |")
-            w("|---|---|---|---|---|---|---|---|---|---|")
+            extra_h = " intended p99 | client lag p99 | client CPU |" if python else ""
+            w("| target | achieved req/s | p50 | p99 | added p99 vs direct | CPU µs/req |%s errors |" % extra_h)
+            w("|---|---|---|---|---|---|%s---|" % ("---|---|---|" if python else ""))
             by = {}
             for r in fixed:
                 by.setdefault(r["target"], []).append(r)
             order = [t for t in ORDER if t in by] + sorted(t for t in by if t not in ORDER)
 
             def fm(t, key):
-                return med([r["fixed"].get(key) for r in by[t]])
+                return med([r.get(key) for r in by[t]])
 
-            d99 = fm("direct", "service_p99_us") if "direct" in by else None
+            def fpy(t, key):
+                return med([(r.get("py") or {}).get(key) for r in by[t]])
+
+            d99 = fm("direct", "p99") if "direct" in by else None
             for t in order:
-                p99 = fm(t, "service_p99_us")
+                p99 = fm(t, "p99")
                 added = (p99 - d99) if (p99 is not None and d99 is not None and t != "direct") else None
-                cpu = med([r.get("cpu_us") for r in by[t]])
-                errs = sum((r["fixed"].get("errors") or 0) + (r["fixed"].get("non2xx") or 0) for r in by[t])
-                w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                    t, fmt_num(fm(t, "achieved_rate")), fmt_us(fm(t, "service_p50_us")), fmt_us(p99),
-                    ("+" + fmt_us(added)) if added is not None and added >= 0 else (fmt_us(added) if added is not None else "—"),
-                    fmt_us(fm(t, "intended_p99_us")),
-                    fmt_num(cpu, "%.1f") if t != "direct" else "—",
-                    fmt_us(fm(t, "lag_p99_us")),
-                    fmt_num(fm(t, "client_cpu_pct"), "%.0f %%"), errs))
+                if added is None:
+                    added_s = "—"
+                else:
+                    added_s = ("+" if added >= 0 else "−") + fmt_us(abs(added))
+                errs = sum((r.get("non2xx") or 0) + (r.get("sockerr") or 0) for r in by[t])
+                extra = ""
+                if python:
+                    extra = " %s | %s | %s |" % (fmt_us(fpy(t, "intended_p99_us")), fmt_us(fpy(t, "lag_p99_us")),
+                                                 fmt_num(fpy(t, "client_cpu_pct"), "%.0f %%"))
+                w("| %s | %s | %s | %s | %s | %s |%s %s |" % (
+                    t, fmt_num(fm(t, "rps")), fmt_us(fm(t, "p50")), fmt_us(p99), added_s,
+                    fmt_num(fm(t, "cpu_us"), "%.1f") if t != "direct" else "—", extra, errs))
         if md.get("fixed-rate skipped"):
             w("")
             w("Not run: %s" % md["fixed-rate skipped"])
@@ -308,16 +329,13 @@ def table(tsv, meta_path):
     # ---- every run -------------------------------------------------------------
     w("## Every run (in the order they ran)")
     w("")
-    w("Upstream share = requests served by upstream 1/2/3 in %% (nginx stub_status); "
+    w("Upstream share = requests served by upstream 1/2/3 in % (nginx stub_status); "
       "upstream CPU = the three upstream nginx processes' CPU µs per request.")
     w("")
     w("| # | kind | target | round | req/s | p50 / mean | p99 | CPU µs/req | upstream CPU µs/req | upstream share % | non-2xx | socket errors |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(runs, 1):
-        if r["kind"] == "fixed":
-            j = r.get("fixed") or {}
-            lat50, lat99 = j.get("service_p50_us"), j.get("service_p99_us")
-        elif r["kind"] == "h2":
+        if r["kind"] == "h2":
             lat50, lat99 = r.get("mean"), None
         else:
             lat50, lat99 = r.get("p50"), r.get("p99")

@@ -13,8 +13,8 @@
 # and measures req/s, p50, p99 and CPU µs per request (utime+stime of the
 # proxy process(es) from /proc/<pid>/stat over the run / requests completed).
 # Targets alternate (A B C D A B C D ...).  Then an HTTP/2 (h2c) run with
-# h2load and a fixed-rate run (benches/load/fixedrate.py) at about half the
-# best peer's capacity.  Prints a markdown table and writes it to
+# h2load and a fixed-rate run (wrk paced by benches/load/paced.lua) at about
+# half the best peer's capacity, for the p99 each proxy adds over direct.  Prints a markdown table and writes it to
 # bench-results/load-<timestamp>.md (raw outputs in bench-results/load-<timestamp>/).
 #
 # Environment knobs (defaults in brackets):
@@ -27,7 +27,11 @@
 #   H2_DURATION=$DURATION  h2load duration
 #   FIXED=1             run the fixed-rate phase (0 = skip)
 #   FIXED_RATE=         req/s for it; default: half the best of nginx/haproxy's median req/s
-#   FIXED_PROCS=1       client processes for the fixed-rate run
+#   FIXED_CONNECTIONS=100  connections of the fixed-rate client (must exceed rate × (latency + 1 ms))
+#   FIXED_CLIENT=wrk    wrk paced by benches/load/paced.lua (default), or python: the open-loop
+#                       benches/load/fixedrate.py (coordinated-omission corrected, but a Python
+#                       event loop cannot hold much more than ~10k req/s with sub-ms precision)
+#   FIXED_PROCS=1       client processes for FIXED_CLIENT=python
 #   BUILD=1             cargo build --release -p cellgate first (0 = use the existing binary)
 #   CELLGATE_BIN=       use this binary instead (implies BUILD=0)
 #   CARGO_TARGET_DIR    honoured for the build and for finding the binary (default: target/)
@@ -49,6 +53,8 @@ H2=${H2:-1}
 H2_DURATION=${H2_DURATION:-$DURATION}
 FIXED=${FIXED:-1}
 FIXED_RATE=${FIXED_RATE:-}
+FIXED_CLIENT=${FIXED_CLIENT:-wrk}
+FIXED_CONNECTIONS=${FIXED_CONNECTIONS:-100}
 FIXED_PROCS=${FIXED_PROCS:-1}
 BUILD=${BUILD:-1}
 CELLGATE_BIN=${CELLGATE_BIN:-}
@@ -76,6 +82,8 @@ DUR_S=$(secs "$DURATION"); H2_DUR_S=$(secs "$H2_DURATION"); WARM_S=$(secs "$WARM
 [[ $WARM_S =~ ^[0-9]+$ ]] || die "WARMUP must be like 2s or 0 (got $WARMUP)"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 && $ROUNDS -le 50 ]] || die "ROUNDS must be 1..50"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $CONNECTIONS -ge 1 && $CONNECTIONS -le 10000 ]] || die "CONNECTIONS must be 1..10000"
+[[ $FIXED_CLIENT == wrk || $FIXED_CLIENT == python ]] || die "FIXED_CLIENT must be wrk or python"
+[[ $FIXED_CONNECTIONS =~ ^[0-9]+$ && $FIXED_CONNECTIONS -ge 1 && $FIXED_CONNECTIONS -le 10000 ]] || die "FIXED_CONNECTIONS must be 1..10000"
 [[ $FIXED_PROCS =~ ^[0-9]+$ && $FIXED_PROCS -ge 1 && $FIXED_PROCS -le 16 ]] || die "FIXED_PROCS must be 1..16"
 for t in $TARGETS; do
   case $t in direct|nginx|haproxy|cellgate) ;; *) die "unknown target '$t' (direct nginx haproxy cellgate)" ;; esac
@@ -229,6 +237,9 @@ start_nginx() { # $1 = dir, $2 = name -> sets NGINX_PID
   PIDS+=("$NGINX_PID")
 }
 
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+awk -v l="${LOAD0%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
+  && log "warning: the machine is not idle (load average $LOAD0 on $(nproc) cores): figures will be noisy"
 # ------------------------------------------------------------ upstreams ----
 read -r UP1 UP2 UP3 ST1 ST2 ST3 UPH2 NGX NGX_H2 HAP HAP_H2 CG CG_ADMIN <<<"$(free_ports 13)"
 UPS=("$UP1" "$UP2" "$UP3"); STATS=("$ST1" "$ST2" "$ST3")
@@ -287,7 +298,7 @@ start_target() {
         server 127.0.0.1:$UP1;
         server 127.0.0.1:$UP2;
         server 127.0.0.1:$UP3;
-        keepalive 64;
+        keepalive 1024;   # more than the most concurrent requests (h2load: 100 streams), so no connection is closed after use
         keepalive_requests 100000000;
         keepalive_timeout 300s;
     }
@@ -449,6 +460,7 @@ measure() {
 for t in $TARGETS; do for p in ${TPIDS[$t]:-}; do kill -0 "$p" 2>/dev/null || die "$t process $p died"; done; done
 
 WRK=(wrk -t1 "-c$CONNECTIONS" --latency -s "$HERE/userid.lua")
+read -r -a CPUSTAT0 < /proc/stat
 if ((WARM_S > 0)); then
   for t in $TARGETS; do
     log "warm-up $t (${WARM_S}s)"
@@ -502,10 +514,16 @@ if [[ $FIXED == 1 ]]; then
   else
     for ((r = 1; r <= ROUNDS; r++)); do
       for t in $TARGETS; do
-        log "fixed-rate round $r/$ROUNDS: $t ($FIXED_RATE req/s, ${DUR_S}s + 1s warm-up)"
-        measure fixed "$t" "$r" "$RAW/fixed-$t-$r.json" -- \
-          timeout $((DUR_S + 60)) python3 "$HERE/fixedrate.py" --port "${PORT[$t]}" --rate "$FIXED_RATE" \
-          --duration "$DUR_S" --warmup 1 --connections "$CONNECTIONS" --procs "$FIXED_PROCS"
+        log "fixed-rate round $r/$ROUNDS: $t ($FIXED_RATE req/s, $FIXED_CLIENT client, ${DUR_S}s)"
+        if [[ $FIXED_CLIENT == python ]]; then
+          measure fixedpy "$t" "$r" "$RAW/fixed-$t-$r.json" -- \
+            timeout $((DUR_S + 60)) python3 "$HERE/fixedrate.py" --port "${PORT[$t]}" --rate "$FIXED_RATE" \
+            --duration "$DUR_S" --warmup 1 --connections "$FIXED_CONNECTIONS" --procs "$FIXED_PROCS"
+        else
+          measure fixed "$t" "$r" "$RAW/fixed-$t-$r.txt" -- \
+            timeout $((DUR_S + 30)) wrk -t1 "-c$FIXED_CONNECTIONS" "-d${DUR_S}s" --latency -s "$HERE/paced.lua" \
+            "http://127.0.0.1:${PORT[$t]}/" -- "$FIXED_RATE"
+        fi
         check_alive
       done
     done
@@ -517,11 +535,22 @@ fi
 # ---------------------------------------------------------------- table ----
 h2_skip=
 [[ $H2 == 1 ]] || h2_skip="H2=0"
+read -r -a CPUSTAT1 < /proc/stat
+# busy and steal share of all CPU time during the measurements (/proc/stat "cpu" line)
+cpu_share() {
+  awk -v a="${CPUSTAT0[*]}" -v b="${CPUSTAT1[*]}" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " "); tot = 0
+    for (i = 2; i <= 9; i++) tot += y[i] - x[i]
+    idle = (y[5] - x[5]) + (y[6] - x[6]); steal = y[9] - x[9]
+    if (tot <= 0) { print "unknown"; exit }
+    printf "%.0f %% busy, %.1f %% steal", 100 * (tot - idle) / tot, 100 * steal / tot }'
+}
 {
   printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
   printf 'machine\t%s cores (nproc), %s, kernel %s\n' "$(nproc)" \
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
-  printf 'load average at the end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+  printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
   printf 'cellgate\t%s (%s)\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
@@ -532,6 +561,8 @@ h2_skip=
   printf 'duration\t%s\n' "$DURATION"
   printf 'rounds\t%s\n' "$ROUNDS"
   printf 'connections\t%s\n' "$CONNECTIONS"
+  printf 'fixed connections\t%s\n' "$FIXED_CONNECTIONS"
+  printf 'fixed client\t%s\n' "$FIXED_CLIENT"
   printf 'h2 duration\t%ss\n' "$H2_DUR_S"
   [[ -n $h2_skip ]] && printf 'h2 skipped\t%s\n' "$h2_skip"
   [[ $FIXED == 1 && -z $FIXED_NOTE ]] && printf 'fixed rate\t%s\n' "$FIXED_RATE" && printf 'fixed rate basis\t%s\n' "$FIXED_BASIS"

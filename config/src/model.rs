@@ -54,7 +54,10 @@ pub struct Listen {
 
 impl Default for Listen {
     fn default() -> Self {
-        Self { http: default_http(), tls: None }
+        Self {
+            http: default_http(),
+            tls: None,
+        }
     }
 }
 
@@ -93,7 +96,10 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Self { listen: default_admin(), token: None }
+        Self {
+            listen: default_admin(),
+            token: None,
+        }
     }
 }
 
@@ -110,7 +116,10 @@ pub struct Routing {
     pub slot_count: u32,
     /// Ordered key sources (default: header `X-User-ID`), each a one-entry map such as
     /// `header: X-User-ID`, `cookie: uid`, `query: uid`, `path_segment: 1`, `jwt: {...}`.
-    #[serde(default = "default_sources", with = "serde_yaml::with::singleton_map_recursive")]
+    #[serde(
+        default = "default_sources",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
     pub key_sources: Vec<KeySourceCfg>,
     /// Keyless requests.
     #[serde(default)]
@@ -225,7 +234,11 @@ pub struct TimeoutsCfg {
 
 impl Default for TimeoutsCfg {
     fn default() -> Self {
-        Self { default: default_timeout(), max: default_max(), connect: default_connect() }
+        Self {
+            default: default_timeout(),
+            max: default_max(),
+            connect: default_connect(),
+        }
     }
 }
 

@@ -19,7 +19,9 @@ use crate::model::*;
 /// `None` for anything else (never panics).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() || num.len() > 12 {
         return None;
@@ -33,7 +35,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "us" | "µs" => n / 1_000.0,
         _ => return None,
     };
-    if !ms.is_finite() || ms < 0.0 || ms > 1e12 {
+    if !ms.is_finite() || !(0.0..=1e12).contains(&ms) {
         return None;
     }
     Some(Duration::from_micros((ms * 1_000.0).round() as u64))
@@ -42,7 +44,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 fn parse_range(s: &str) -> Option<(u32, u32)> {
@@ -85,14 +88,18 @@ struct Issues(Vec<Issue>);
 
 impl Issues {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Issue { path: path.into(), message: message.into() });
+        self.0.push(Issue {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 }
 
 impl Config {
     /// Parse YAML text and validate it.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg: Config =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -102,11 +109,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut is = Issues(Vec::new());
         if let Err(e) = self.listen.http.parse::<SocketAddr>() {
-            is.push("listen.http", format!("{:?} is not ip:port ({e})", self.listen.http));
+            is.push(
+                "listen.http",
+                format!("{:?} is not ip:port ({e})", self.listen.http),
+            );
         }
         if let Some(tls) = &self.listen.tls {
             if let Err(e) = tls.listen.parse::<SocketAddr>() {
-                is.push("listen.tls.listen", format!("{:?} is not ip:port ({e})", tls.listen));
+                is.push(
+                    "listen.tls.listen",
+                    format!("{:?} is not ip:port ({e})", tls.listen),
+                );
             }
             for (p, f) in [("listen.tls.cert", &tls.cert), ("listen.tls.key", &tls.key)] {
                 if !std::path::Path::new(f).is_file() {
@@ -115,18 +128,27 @@ impl Config {
             }
         }
         if let Err(e) = self.admin.listen.parse::<SocketAddr>() {
-            is.push("admin.listen", format!("{:?} is not ip:port ({e})", self.admin.listen));
+            is.push(
+                "admin.listen",
+                format!("{:?} is not ip:port ({e})", self.admin.listen),
+            );
         }
         if self.admin.token.as_deref() == Some("") {
             is.push("admin.token", "empty token; omit it or set a value");
         }
         if self.workers > 1024 {
-            is.push("workers", format!("{} workers is more than 1024", self.workers));
+            is.push(
+                "workers",
+                format!("{} workers is more than 1024", self.workers),
+            );
         }
 
         let r = &self.routing;
         if r.slot_count == 0 || r.slot_count > 1 << 20 {
-            is.push("routing.slot_count", format!("{} is outside 1-1048576", r.slot_count));
+            is.push(
+                "routing.slot_count",
+                format!("{} is outside 1-1048576", r.slot_count),
+            );
         }
         if r.key_sources.is_empty() {
             is.push("routing.key_sources", "at least one key source is required");
@@ -139,36 +161,58 @@ impl Config {
         let regions: HashSet<&str> = self.regions.iter().map(String::as_str).collect();
         if let Some(d) = &r.anonymous.default_region {
             if !regions.contains(d.as_str()) {
-                is.push("routing.anonymous.default_region", format!("unknown region {d:?}"));
+                is.push(
+                    "routing.anonymous.default_region",
+                    format!("unknown region {d:?}"),
+                );
             }
         }
         for (net, region) in &r.region_cidrs {
             if net.parse::<IpNet>().is_err() {
-                is.push(format!("routing.region_cidrs[{net:?}]"), "not a CIDR such as 10.0.0.0/8");
+                is.push(
+                    format!("routing.region_cidrs[{net:?}]"),
+                    "not a CIDR such as 10.0.0.0/8",
+                );
             }
             if !regions.contains(region.as_str()) {
-                is.push(format!("routing.region_cidrs[{net:?}]"), format!("unknown region {region:?}"));
+                is.push(
+                    format!("routing.region_cidrs[{net:?}]"),
+                    format!("unknown region {region:?}"),
+                );
             }
         }
         for (i, net) in r.trusted_cidrs.iter().enumerate() {
             if net.parse::<IpNet>().is_err() {
-                is.push(format!("routing.trusted_cidrs[{i}]"), format!("{net:?} is not a CIDR such as 10.0.0.0/8"));
+                is.push(
+                    format!("routing.trusted_cidrs[{i}]"),
+                    format!("{net:?} is not a CIDR such as 10.0.0.0/8"),
+                );
             }
         }
         let t = &self.timeouts;
         let mut durs = [None; 3];
-        for (k, (p, v)) in [("timeouts.default", &t.default), ("timeouts.max", &t.max), ("timeouts.connect", &t.connect)]
-            .into_iter()
-            .enumerate()
+        for (k, (p, v)) in [
+            ("timeouts.default", &t.default),
+            ("timeouts.max", &t.max),
+            ("timeouts.connect", &t.connect),
+        ]
+        .into_iter()
+        .enumerate()
         {
             match parse_duration(v) {
                 Some(d) if !d.is_zero() => durs[k] = Some(d),
-                _ => is.push(p, format!("{v:?} is not a positive duration such as 250ms or 2s")),
+                _ => is.push(
+                    p,
+                    format!("{v:?} is not a positive duration such as 250ms or 2s"),
+                ),
             }
         }
         if let (Some(d), Some(m)) = (durs[0], durs[1]) {
             if d > m {
-                is.push("timeouts.default", format!("{} is longer than timeouts.max {}", t.default, t.max));
+                is.push(
+                    "timeouts.default",
+                    format!("{} is longer than timeouts.max {}", t.default, t.max),
+                );
             }
         }
 
@@ -178,7 +222,10 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, reg) in self.regions.iter().enumerate() {
             if !valid_id(reg) {
-                is.push(format!("regions[{i}]"), format!("{reg:?} must be 1-64 letters, digits, '.', '_' or '-'"));
+                is.push(
+                    format!("regions[{i}]"),
+                    format!("{reg:?} must be 1-64 letters, digits, '.', '_' or '-'"),
+                );
             }
             if !seen.insert(reg.as_str()) {
                 is.push(format!("regions[{i}]"), format!("duplicate region {reg:?}"));
@@ -193,80 +240,135 @@ impl Config {
         for (i, c) in self.cells.iter().enumerate() {
             let p = format!("cells[{i}]");
             if !valid_id(&c.id) {
-                is.push(format!("{p}.id"), format!("{:?} must be 1-64 letters, digits, '.', '_' or '-'", c.id));
+                is.push(
+                    format!("{p}.id"),
+                    format!("{:?} must be 1-64 letters, digits, '.', '_' or '-'", c.id),
+                );
             }
             if !seen.insert(c.id.as_str()) {
                 is.push(format!("{p}.id"), format!("duplicate cell id {:?}", c.id));
             }
             if !regions.contains(c.region.as_str()) {
-                is.push(format!("{p}.region"), format!("unknown region {:?} (declared: {})", c.region, self.regions.join(", ")));
+                is.push(
+                    format!("{p}.region"),
+                    format!(
+                        "unknown region {:?} (declared: {})",
+                        c.region,
+                        self.regions.join(", ")
+                    ),
+                );
             }
             let mut fo = HashSet::new();
             for (j, f) in c.failover.iter().enumerate() {
                 if !cell_ids.contains(f.as_str()) {
                     is.push(format!("{p}.failover[{j}]"), format!("unknown cell {f:?}"));
                 } else if *f == c.id {
-                    is.push(format!("{p}.failover[{j}]"), "a cell cannot fail over to itself");
+                    is.push(
+                        format!("{p}.failover[{j}]"),
+                        "a cell cannot fail over to itself",
+                    );
                 } else if !fo.insert(f.as_str()) {
-                    is.push(format!("{p}.failover[{j}]"), format!("duplicate failover target {f:?}"));
+                    is.push(
+                        format!("{p}.failover[{j}]"),
+                        format!("duplicate failover target {f:?}"),
+                    );
                 }
             }
             if c.instances.is_empty() {
-                is.push(format!("{p}.instances"), "a cell needs at least one instance");
+                is.push(
+                    format!("{p}.instances"),
+                    "a cell needs at least one instance",
+                );
             }
             let mut names = HashSet::new();
             for (j, inst) in c.instances.iter().enumerate() {
                 let ip = format!("{p}.instances[{j}]");
                 if !valid_id(&inst.name) {
-                    is.push(format!("{ip}.name"), format!("{:?} must be 1-64 letters, digits, '.', '_' or '-'", inst.name));
+                    is.push(
+                        format!("{ip}.name"),
+                        format!(
+                            "{:?} must be 1-64 letters, digits, '.', '_' or '-'",
+                            inst.name
+                        ),
+                    );
                 }
                 if !names.insert(inst.name.as_str()) {
-                    is.push(format!("{ip}.name"), format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id));
+                    is.push(
+                        format!("{ip}.name"),
+                        format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id),
+                    );
                 }
                 if let Err(m) = resolve(&inst.addr) {
                     is.push(format!("{ip}.addr"), m);
                 }
                 if inst.weight > 1_000_000 {
-                    is.push(format!("{ip}.weight"), format!("{} is more than 1000000", inst.weight));
+                    is.push(
+                        format!("{ip}.weight"),
+                        format!("{} is more than 1000000", inst.weight),
+                    );
                 }
             }
             if c.weight > 1_000_000 {
-                is.push(format!("{p}.weight"), format!("{} is more than 1000000", c.weight));
+                is.push(
+                    format!("{p}.weight"),
+                    format!("{} is more than 1000000", c.weight),
+                );
             }
         }
 
         let mut covered: BTreeSet<u32> = BTreeSet::new();
         for (k, s) in self.slots.iter().enumerate() {
             if !cell_ids.contains(s.cell.as_str()) {
-                is.push(format!("slots[{k}].cell"), format!("unknown cell {:?}", s.cell));
+                is.push(
+                    format!("slots[{k}].cell"),
+                    format!("unknown cell {:?}", s.cell),
+                );
             }
             for (j, range) in s.ranges.iter().enumerate() {
                 match parse_range(range) {
                     Some((lo, hi)) if lo <= hi && hi < r.slot_count => {
                         if covered.range(lo..=hi).next().is_some() {
-                            is.push(format!("slots[{k}].ranges[{j}]"), format!("{range:?} overlaps another range"));
+                            is.push(
+                                format!("slots[{k}].ranges[{j}]"),
+                                format!("{range:?} overlaps another range"),
+                            );
                         }
                         covered.extend(lo..=hi);
                     }
                     _ => is.push(
                         format!("slots[{k}].ranges[{j}]"),
-                        format!("{range:?} is not a range lo-hi within 0-{}", r.slot_count.saturating_sub(1)),
+                        format!(
+                            "{range:?} is not a range lo-hi within 0-{}",
+                            r.slot_count.saturating_sub(1)
+                        ),
                     ),
                 }
             }
         }
         if !self.slots.is_empty() && covered.len() as u64 != u64::from(r.slot_count) {
-            let first = (0..r.slot_count).find(|s| !covered.contains(s)).unwrap_or_default();
+            let first = (0..r.slot_count)
+                .find(|s| !covered.contains(s))
+                .unwrap_or_default();
             is.push(
                 "slots",
-                format!("{} of {} slots have no cell (first: {first})", u64::from(r.slot_count) - covered.len() as u64, r.slot_count),
+                format!(
+                    "{} of {} slots have no cell (first: {first})",
+                    u64::from(r.slot_count) - covered.len() as u64,
+                    r.slot_count
+                ),
             );
         }
 
         for (key, cell) in &self.overrides {
             let p = format!("overrides[{key:?}]");
-            if key.is_empty() || key.len() > cellgate_routing::MAX_KEY_LEN || key.bytes().any(|b| b < 0x20 || b == 0x7f) {
-                is.push(p.clone(), "key must be 1-256 bytes without control characters");
+            if key.is_empty()
+                || key.len() > cellgate_routing::MAX_KEY_LEN
+                || key.bytes().any(|b| b < 0x20 || b == 0x7f)
+            {
+                is.push(
+                    p.clone(),
+                    "key must be 1-256 bytes without control characters",
+                );
             }
             if !cell_ids.contains(cell.as_str()) {
                 is.push(p, format!("unknown cell {cell:?}"));
@@ -277,11 +379,17 @@ impl Config {
         for (k, g) in self.gray.iter().enumerate() {
             let p = format!("gray[{k}]");
             if !names.insert(g.name.as_str()) {
-                is.push(format!("{p}.name"), format!("duplicate rule name {:?}", g.name));
+                is.push(
+                    format!("{p}.name"),
+                    format!("duplicate rule name {:?}", g.name),
+                );
             }
             for (j, reg) in g.regions.iter().enumerate() {
                 if !regions.contains(reg.as_str()) {
-                    is.push(format!("{p}.regions[{j}]"), format!("unknown region {reg:?}"));
+                    is.push(
+                        format!("{p}.regions[{j}]"),
+                        format!("unknown region {reg:?}"),
+                    );
                 }
             }
             if let Some(pc) = g.percent {
@@ -313,11 +421,17 @@ impl Config {
 
     /// Build routing table `version` from this (validated) configuration. Health state
     /// comes from `health`, so it carries over from the previous table.
-    pub fn build_table(&self, version: u64, health: &HealthRegistry) -> Result<RoutingTable, ConfigError> {
-        let invalid = |path: String, message: String| ConfigError::Invalid(vec![Issue { path, message }]);
+    pub fn build_table(
+        &self,
+        version: u64,
+        health: &HealthRegistry,
+    ) -> Result<RoutingTable, ConfigError> {
+        let invalid =
+            |path: String, message: String| ConfigError::Invalid(vec![Issue { path, message }]);
         let mut sources = Vec::with_capacity(self.routing.key_sources.len());
         for (i, s) in self.routing.key_sources.iter().enumerate() {
-            sources.push(key_source(s).map_err(|m| invalid(format!("routing.key_sources[{i}]"), m))?);
+            sources
+                .push(key_source(s).map_err(|m| invalid(format!("routing.key_sources[{i}]"), m))?);
         }
         let mut b = TableBuilder::new(version, self.routing.slot_count)
             .key_sources(KeySources::new(sources))
@@ -332,7 +446,8 @@ impl Config {
         for (i, c) in self.cells.iter().enumerate() {
             let mut instances = Vec::with_capacity(c.instances.len());
             for (j, inst) in c.instances.iter().enumerate() {
-                let addr = resolve(&inst.addr).map_err(|m| invalid(format!("cells[{i}].instances[{j}].addr"), m))?;
+                let addr = resolve(&inst.addr)
+                    .map_err(|m| invalid(format!("cells[{i}].instances[{j}].addr"), m))?;
                 instances.push(InstanceSpec {
                     name: inst.name.clone(),
                     addr,
@@ -353,7 +468,12 @@ impl Config {
         for (k, s) in self.slots.iter().enumerate() {
             let mut ranges = Vec::with_capacity(s.ranges.len());
             for (j, r) in s.ranges.iter().enumerate() {
-                ranges.push(parse_range(r).ok_or_else(|| invalid(format!("slots[{k}].ranges[{j}]"), format!("{r:?} is not a range")))?);
+                ranges.push(parse_range(r).ok_or_else(|| {
+                    invalid(
+                        format!("slots[{k}].ranges[{j}]"),
+                        format!("{r:?} is not a range"),
+                    )
+                })?);
             }
             b = b.slot_ranges(s.cell.clone(), ranges);
         }
@@ -361,11 +481,18 @@ impl Config {
             b = b.override_key(key.clone(), cell.clone());
         }
         for (net, region) in &self.routing.region_cidrs {
-            let n = net.parse().map_err(|_| invalid(format!("routing.region_cidrs[{net:?}]"), "not a CIDR".into()))?;
+            let n = net.parse().map_err(|_| {
+                invalid(
+                    format!("routing.region_cidrs[{net:?}]"),
+                    "not a CIDR".into(),
+                )
+            })?;
             b = b.region_cidr(n, region.clone());
         }
         for (i, net) in self.routing.trusted_cidrs.iter().enumerate() {
-            let n = net.parse().map_err(|_| invalid(format!("routing.trusted_cidrs[{i}]"), "not a CIDR".into()))?;
+            let n = net
+                .parse()
+                .map_err(|_| invalid(format!("routing.trusted_cidrs[{i}]"), "not a CIDR".into()))?;
             b = b.trusted(n);
         }
         for g in &self.gray {
@@ -390,12 +517,20 @@ fn key_source(s: &KeySourceCfg) -> Result<KeySource, String> {
         KeySourceCfg::Header(h) => KeySource::header(h)?,
         KeySourceCfg::Cookie(c) if !c.is_empty() => KeySource::Cookie(c.clone()),
         KeySourceCfg::Query(q) if !q.is_empty() => KeySource::Query(q.clone()),
-        KeySourceCfg::Cookie(_) | KeySourceCfg::Query(_) => return Err("name must not be empty".into()),
+        KeySourceCfg::Cookie(_) | KeySourceCfg::Query(_) => {
+            return Err("name must not be empty".into())
+        }
         KeySourceCfg::PathSegment(n) => KeySource::PathSegment(*n),
         KeySourceCfg::Jwt(j) => match (&j.hs256_secret, &j.rs256_public_key_file) {
-            (Some(_), Some(_)) => return Err("jwt: give hs256_secret or rs256_public_key_file, not both".into()),
-            (Some(secret), None) if secret.is_empty() => return Err("jwt.hs256_secret: empty".into()),
-            (Some(secret), None) => KeySource::jwt(&j.header, &j.claim, JwtVerify::Hs256(secret.as_bytes()))?,
+            (Some(_), Some(_)) => {
+                return Err("jwt: give hs256_secret or rs256_public_key_file, not both".into())
+            }
+            (Some(secret), None) if secret.is_empty() => {
+                return Err("jwt.hs256_secret: empty".into())
+            }
+            (Some(secret), None) => {
+                KeySource::jwt(&j.header, &j.claim, JwtVerify::Hs256(secret.as_bytes()))?
+            }
             (None, Some(file)) => {
                 let pem = std::fs::read(file)
                     .map_err(|e| format!("jwt.rs256_public_key_file: cannot read {file:?}: {e}"))?;

@@ -9,7 +9,10 @@ fn demo_users_land_in_the_committed_home_cells() {
     let cfg = Config::from_yaml(DEMO_YAML).unwrap();
     let t = cfg.build_table(1, &HealthRegistry::new()).unwrap();
     let mut n = 0;
-    for line in include_str!("demo_cells.tsv").lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in include_str!("demo_cells.tsv")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let f: Vec<&str> = line.split('\t').collect();
         let e = t.explain(f[0], 1).unwrap();
         assert_eq!(e.slot.to_string(), f[1], "slot of {:?}", f[0]);
@@ -18,16 +21,26 @@ fn demo_users_land_in_the_committed_home_cells() {
     }
     assert!(n >= 50);
     let alice = t.explain("alice", 1).unwrap();
-    assert_eq!((alice.slot, alice.home_cell.as_str(), alice.cell.as_str()), (5808, "bj-2", "bj-2"));
+    assert_eq!(
+        (alice.slot, alice.home_cell.as_str(), alice.cell.as_str()),
+        (5808, "bj-2", "bj-2")
+    );
 }
 
 #[test]
 fn demo_gray_rule_tags_about_ten_percent_of_keys_stably() {
     let cfg = Config::from_yaml(DEMO_YAML).unwrap();
     let t = cfg.build_table(1, &HealthRegistry::new()).unwrap();
-    let tagged = (0..20_000).filter(|i| t.explain(&format!("u{i}"), 1).unwrap().gray_tag.is_some()).count();
-    assert!((1_800..=2_200).contains(&tagged), "{tagged} of 20000 tagged");
-    let again = (0..20_000).filter(|i| t.explain(&format!("u{i}"), 1).unwrap().gray_tag.is_some()).count();
+    let tagged = (0..20_000)
+        .filter(|i| t.explain(&format!("u{i}"), 1).unwrap().gray_tag.is_some())
+        .count();
+    assert!(
+        (1_800..=2_200).contains(&tagged),
+        "{tagged} of 20000 tagged"
+    );
+    let again = (0..20_000)
+        .filter(|i| t.explain(&format!("u{i}"), 1).unwrap().gray_tag.is_some())
+        .count();
     assert_eq!(tagged, again);
 }
 
@@ -85,14 +98,25 @@ gray:
         "gray[0].regions[0]: unknown region \"mars\"",
         "gray[0].percent: 120 is outside 0-100",
     ] {
-        assert!(got.iter().any(|g| g.starts_with(want)), "missing {want:?} in {got:#?}");
+        assert!(
+            got.iter().any(|g| g.starts_with(want)),
+            "missing {want:?} in {got:#?}"
+        );
     }
 }
 
 #[test]
 fn typos_and_wrong_types_are_parse_errors_with_a_location() {
     let e = issues("regions: [a]\ncells:\n  - id: c\n    region: a\n    instancez: []\n");
-    assert!(e[0].contains("unknown field `instancez`") && e[0].contains("line"), "{e:?}");
-    let e = issues("regions: [a]\ncells:\n  - id: c\n    region: a\n    weight: heavy\n    instances: []\n");
-    assert!(e[0].contains("weight") || e[0].contains("invalid type"), "{e:?}");
+    assert!(
+        e[0].contains("unknown field `instancez`") && e[0].contains("line"),
+        "{e:?}"
+    );
+    let e = issues(
+        "regions: [a]\ncells:\n  - id: c\n    region: a\n    weight: heavy\n    instances: []\n",
+    );
+    assert!(
+        e[0].contains("weight") || e[0].contains("invalid type"),
+        "{e:?}"
+    );
 }

@@ -98,7 +98,9 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CELLGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
@@ -117,7 +119,7 @@ fn print_config_error(file: &str, e: &ConfigError) {
     }
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     cellgate_config::load_file(path).map_err(|e| {
         print_config_error(&path.display().to_string(), &e);
         ExitCode::from(1)
@@ -135,7 +137,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), ExitCode> {
     match command {
-        Command::Run { config, etcd, listen, admin_listen: _, workers } => {
+        Command::Run {
+            config,
+            etcd,
+            listen,
+            admin_listen: _,
+            workers,
+        } => {
             if let Some(url) = etcd {
                 eprintln!("cellgate run: --etcd {url}: the etcd configuration source is not available in this build; run from a file with --config");
                 return Err(ExitCode::from(2));
@@ -154,13 +162,20 @@ fn run(command: Command) -> Result<(), ExitCode> {
             opts.config_path = path;
             opts.listen = listen;
             opts.workers = workers;
-            Gateway::start(opts).and_then(Gateway::run_until_signal).map_err(|e| {
-                tracing::error!(error = %e, "cellgate stopped");
-                eprintln!("cellgate: {e}");
-                ExitCode::from(1)
-            })
+            Gateway::start(opts)
+                .and_then(Gateway::run_until_signal)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cellgate stopped");
+                    eprintln!("cellgate: {e}");
+                    ExitCode::from(1)
+                })
         }
-        Command::Demo { print_config, listen, admin_listen: _, workers } => {
+        Command::Demo {
+            print_config,
+            listen,
+            admin_listen: _,
+            workers,
+        } => {
             if print_config {
                 print!("{DEMO_YAML}");
                 return Ok(());
@@ -197,10 +212,12 @@ fn run(command: Command) -> Result<(), ExitCode> {
         }
         Command::Validate { config } => {
             let cfg = load(&config)?;
-            let table = cfg.build_table(1, &cellgate_health::HealthRegistry::new()).map_err(|e| {
-                print_config_error(&config.display().to_string(), &e);
-                ExitCode::from(1)
-            })?;
+            let table = cfg
+                .build_table(1, &cellgate_health::HealthRegistry::new())
+                .map_err(|e| {
+                    print_config_error(&config.display().to_string(), &e);
+                    ExitCode::from(1)
+                })?;
             println!(
                 "{}: ok ({} regions, {} cells, {} slots, {} overrides, {} gray rules)",
                 config.display(),
@@ -212,22 +229,30 @@ fn run(command: Command) -> Result<(), ExitCode> {
             );
             Ok(())
         }
-        Command::Route { config, key, region } => {
+        Command::Route {
+            config,
+            key,
+            region,
+        } => {
             let cfg = load(&config)?;
-            let table = cfg.build_table(1, &cellgate_health::HealthRegistry::new()).map_err(|e| {
-                print_config_error(&config.display().to_string(), &e);
-                ExitCode::from(1)
-            })?;
+            let table = cfg
+                .build_table(1, &cellgate_health::HealthRegistry::new())
+                .map_err(|e| {
+                    print_config_error(&config.display().to_string(), &e);
+                    ExitCode::from(1)
+                })?;
             if let Some(r) = &region {
                 if table.region_idx(r).is_none() {
                     eprintln!("cellgate route: unknown region {r:?}");
                     return Err(ExitCode::from(2));
                 }
             }
-            let explain = table.explain(&key, cellgate_health::now_ms()).map_err(|e| {
-                eprintln!("cellgate route: {e}");
-                ExitCode::from(2)
-            })?;
+            let explain = table
+                .explain(&key, cellgate_health::now_ms())
+                .map_err(|e| {
+                    eprintln!("cellgate route: {e}");
+                    ExitCode::from(2)
+                })?;
             let mut v = serde_json::to_value(&explain).map_err(|_| ExitCode::from(1))?;
             if let (Some(r), Some(obj)) = (region, v.as_object_mut()) {
                 obj.insert("region".into(), serde_json::Value::String(r));

@@ -88,7 +88,13 @@ pub struct RunOptions {
 impl RunOptions {
     /// Options for `config` with defaults.
     pub fn new(config: Config) -> Self {
-        Self { config, config_path: None, listen: None, workers: None, watch_interval: Duration::from_millis(250) }
+        Self {
+            config,
+            config_path: None,
+            listen: None,
+            workers: None,
+            watch_interval: Duration::from_millis(250),
+        }
     }
 }
 
@@ -105,11 +111,22 @@ pub struct Gateway {
 }
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
-    let err = |source| GatewayError::Listen { addr: addr.to_owned(), source };
-    let sa: SocketAddr = addr
-        .parse()
-        .map_err(|_| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not ip:port")))?;
-    let socket = socket2::Socket::new(socket2::Domain::for_address(sa), socket2::Type::STREAM, None).map_err(err)?;
+    let err = |source| GatewayError::Listen {
+        addr: addr.to_owned(),
+        source,
+    };
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not ip:port",
+        ))
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(err)?;
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&sa.into()).map_err(err)?;
@@ -122,9 +139,16 @@ impl Gateway {
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
         let health = HealthRegistry::new();
         let table = opts.config.build_table(1, &health)?;
-        let shared = Arc::new(Shared { table: ArcSwap::from_pointee(table), health, ejection: EjectionPolicy::default() });
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(table),
+            health,
+            ejection: EjectionPolicy::default(),
+        });
 
-        let http_listen = opts.listen.clone().unwrap_or_else(|| opts.config.listen.http.clone());
+        let http_listen = opts
+            .listen
+            .clone()
+            .unwrap_or_else(|| opts.config.listen.http.clone());
         let http = bind(&http_listen)?;
         let http_addr = http.local_addr().map_err(GatewayError::Runtime)?;
         let tls = match &opts.config.listen.tls {
@@ -167,7 +191,12 @@ impl Gateway {
         if let Some(a) = tls_addr {
             tracing::info!(listener = "tls", addr = %a, "listening");
         }
-        Ok(Self { shared, http_addr, tls_addr, opts })
+        Ok(Self {
+            shared,
+            http_addr,
+            tls_addr,
+            opts,
+        })
     }
 
     /// Serve until SIGTERM or SIGINT, hot-applying configuration-file changes (file watch
@@ -183,7 +212,12 @@ impl Gateway {
             let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
             let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
             if let Some(path) = self.opts.config_path.clone() {
-                tokio::spawn(crate::reload::watch_file(Arc::clone(&self.shared), path, self.opts.watch_interval, hup));
+                tokio::spawn(crate::reload::watch_file(
+                    Arc::clone(&self.shared),
+                    path,
+                    self.opts.watch_interval,
+                    hup,
+                ));
             }
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
@@ -194,7 +228,11 @@ impl Gateway {
     }
 }
 
-async fn worker_main(shared: Arc<Shared>, http: std::net::TcpListener, tls: Option<(std::net::TcpListener, TlsAcceptor)>) {
+async fn worker_main(
+    shared: Arc<Shared>,
+    http: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, TlsAcceptor)>,
+) {
     let worker = Worker::new(shared);
     if let Some((l, acceptor)) = tls {
         match TcpListener::from_std(l) {
@@ -226,11 +264,27 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
         let tls = tls.clone();
         tokio::task::spawn_local(async move {
             match tls {
-                None => serve(TokioIo::new(stream), Proxy::new(worker, ConnInfo::new(peer, false))).await,
+                None => {
+                    serve(
+                        TokioIo::new(stream),
+                        Proxy::new(worker, ConnInfo::new(peer, false)),
+                    )
+                    .await
+                }
                 Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve(TokioIo::new(s), Proxy::new(worker, ConnInfo::new(peer, true))).await,
-                        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "TLS handshake failed"),
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => {
+                            serve(
+                                TokioIo::new(s),
+                                Proxy::new(worker, ConnInfo::new(peer, true)),
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
                     }
                 }
@@ -255,7 +309,10 @@ where
         .max_concurrent_streams(1024)
         .max_pending_accept_reset_streams(64)
         .keep_alive_interval(None);
-    if let Err(e) = builder.serve_connection(io, TowerToHyperService::new(proxy)).await {
+    if let Err(e) = builder
+        .serve_connection(io, TowerToHyperService::new(proxy))
+        .await
+    {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }

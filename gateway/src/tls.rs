@@ -23,14 +23,21 @@ pub enum TlsError {
 
 /// A server configuration from PEM certificate-chain and key files.
 pub fn server_config(cert_path: &str, key_path: &str) -> Result<Arc<ServerConfig>, TlsError> {
-    let read = |p: &str| std::fs::read(p).map_err(|e| TlsError::Read { path: p.to_owned(), message: e.to_string() });
+    let read = |p: &str| {
+        std::fs::read(p).map_err(|e| TlsError::Read {
+            path: p.to_owned(),
+            message: e.to_string(),
+        })
+    };
     let cert_pem = read(cert_path)?;
     let key_pem = read(key_path)?;
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid(format!("{cert_path}: {e}")))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!("{cert_path}: no certificate in PEM")));
+        return Err(TlsError::Invalid(format!(
+            "{cert_path}: no certificate in PEM"
+        )));
     }
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| TlsError::Invalid(format!("{key_path}: {e}")))?

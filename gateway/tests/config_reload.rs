@@ -24,7 +24,13 @@ struct Cells {
 
 impl Cells {
     fn new() -> Self {
-        Self { ups: vec![upstream("a", "a-1"), upstream("b", "b-1"), upstream("c", "c-1")] }
+        Self {
+            ups: vec![
+                upstream("a", "a-1"),
+                upstream("b", "b-1"),
+                upstream("c", "c-1"),
+            ],
+        }
     }
     /// Cell `a` fails over to `c` then `b`; `extra` is appended.
     fn yaml(&self, a_state: &str, c_state: &str, weight: u32) -> String {
@@ -42,7 +48,10 @@ impl Cells {
 /// A key whose home cell is `cell` under `yaml`.
 fn key_in(yaml: &str, cell: &str) -> String {
     let t = table_of(yaml);
-    (0..10_000).map(|i| format!("k{i}")).find(|k| t.explain(k, 1).unwrap().home_cell == cell).unwrap()
+    (0..10_000)
+        .map(|i| format!("k{i}"))
+        .find(|k| t.explain(k, 1).unwrap().home_cell == cell)
+        .unwrap()
 }
 
 /// Wait (bounded) until requests report routing version `v`.
@@ -53,7 +62,11 @@ async fn wait_version(c: &mut H1, key: &str, v: u64) -> Resp {
         if r.echoed("x-routing-version").as_deref() == Some(v.to_string().as_str()) {
             return r;
         }
-        assert!(Instant::now() < end, "version {v} was not applied; last {:?}", r.echoed("x-routing-version"));
+        assert!(
+            Instant::now() < end,
+            "version {v} was not applied; last {:?}",
+            r.echoed("x-routing-version")
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -68,15 +81,26 @@ async fn drained_and_failed_over_cells_send_keys_to_their_first_serving_target()
     let key = key_in(&y, "a");
     let gw = Gateway::start(&path);
     let mut c = H1::connect(gw.addr).await;
-    assert_eq!(c.get("/", &[("x-user-id", &key)]).await.header("x-cell-id"), Some("a"));
+    assert_eq!(
+        c.get("/", &[("x-user-id", &key)]).await.header("x-cell-id"),
+        Some("a")
+    );
 
     write_atomic(&path, &cells.yaml("draining", "active", 1));
     let r = wait_version(&mut c, &key, 2).await;
-    assert_eq!(r.header("x-cell-id"), Some("c"), "draining → first failover target");
+    assert_eq!(
+        r.header("x-cell-id"),
+        Some("c"),
+        "draining → first failover target"
+    );
 
     write_atomic(&path, &cells.yaml("failed_over", "disabled", 1));
     let r = wait_version(&mut c, &key, 3).await;
-    assert_eq!(r.header("x-cell-id"), Some("b"), "first target disabled → next serving target");
+    assert_eq!(
+        r.header("x-cell-id"),
+        Some("b"),
+        "first target disabled → next serving target"
+    );
 
     write_atomic(&path, &cells.yaml("active", "active", 1));
     let r = wait_version(&mut c, &key, 4).await;
@@ -98,7 +122,12 @@ async fn edits_under_load_fail_nothing_and_invalid_edits_are_rejected() {
     let failed = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for w in 0..4u32 {
-        let (stop, ok, failed, addr) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed), gw.addr);
+        let (stop, ok, failed, addr) = (
+            Arc::clone(&stop),
+            Arc::clone(&ok),
+            Arc::clone(&failed),
+            gw.addr,
+        );
         load.push(tokio::spawn(async move {
             let mut c = H1::connect(addr).await;
             let end = Instant::now() + Duration::from_secs(60);
@@ -129,23 +158,47 @@ async fn edits_under_load_fail_nothing_and_invalid_edits_are_rejected() {
         write_atomic(&path, &cells.yaml(a_state, "active", edit));
         version += 1;
         let r = wait_version(&mut c, &key, version).await;
-        assert_eq!(r.header("x-cell-id"), Some(if a_state == "draining" { "c" } else { "a" }));
+        assert_eq!(
+            r.header("x-cell-id"),
+            Some(if a_state == "draining" { "c" } else { "a" })
+        );
     }
 
     // An invalid edit: unknown failover target. Rejected; the old table keeps serving.
-    let bad = cells.yaml("active", "active", 99).replace("failover: [c, b]", "failover: [nowhere]");
+    let bad = cells
+        .yaml("active", "active", 99)
+        .replace("failover: [c, b]", "failover: [nowhere]");
     write_atomic(&path, &bad);
-    assert!(gw.wait_log("configuration rejected", Duration::from_secs(10)).await, "rejection is logged");
-    assert!(gw.logs_contain("cells[0].failover[0]"), "the log names the offending path");
+    assert!(
+        gw.wait_log("configuration rejected", Duration::from_secs(10))
+            .await,
+        "rejection is logged"
+    );
+    assert!(
+        gw.logs_contain("cells[0].failover[0]"),
+        "the log names the offending path"
+    );
     for _ in 0..20 {
         let r = c.get("/", &[("x-user-id", &key)]).await;
         assert_eq!(r.status, 200);
-        assert_eq!(r.echoed("x-routing-version").as_deref(), Some(version.to_string().as_str()));
+        assert_eq!(
+            r.echoed("x-routing-version").as_deref(),
+            Some(version.to_string().as_str())
+        );
     }
     // A broken YAML file too.
     write_atomic(&path, "cells: [ {id: a, ");
-    assert!(gw.wait_logs("configuration rejected", 2, Duration::from_secs(10)).await);
-    assert_eq!(c.get("/", &[("x-user-id", &key)]).await.echoed("x-routing-version").as_deref(), Some(version.to_string().as_str()));
+    assert!(
+        gw.wait_logs("configuration rejected", 2, Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(
+        c.get("/", &[("x-user-id", &key)])
+            .await
+            .echoed("x-routing-version")
+            .as_deref(),
+        Some(version.to_string().as_str())
+    );
 
     stop.store(true, Ordering::Relaxed);
     for l in load {
@@ -153,5 +206,10 @@ async fn edits_under_load_fail_nothing_and_invalid_edits_are_rejected() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 200, "load ran ({ok} requests)");
-    assert_eq!(failed, 0, "{failed} of {} requests failed during 24 reloads", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during 24 reloads",
+        ok + failed
+    );
 }

@@ -33,17 +33,36 @@ fn grpc_server(cell: &str) -> GrpcServer {
         .spawn()
         .expect("python3 with grpcio (the test command installs it)");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("gRPC server did not start: {line:?}"));
-    GrpcServer { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("gRPC server did not start: {line:?}"));
+    GrpcServer {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    }
 }
 
 fn grpc_call(gateway: SocketAddr, key: &str) -> serde_json::Value {
     let out = Command::new("python3")
-        .args([SCRIPT, "call", "--target", &gateway.to_string(), "--key", key])
+        .args([
+            SCRIPT,
+            "call",
+            "--target",
+            &gateway.to_string(),
+            "--key",
+            key,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -70,10 +89,23 @@ async fn grpc_unary_streaming_and_errors_are_routed_by_key_with_trailers_intact(
         assert_eq!(u["code"], "OK");
         assert_eq!(u["body"]["cell"], want.as_str(), "key {key}");
         assert_eq!(u["body"]["x-cell-id"], want.as_str());
-        assert_eq!(u["initial"]["x-cell-id"], want.as_str(), "response carries X-Cell-ID");
-        assert_eq!(u["trailing"]["x-served-by"], want.as_str(), "custom trailer intact");
-        let left = u["body"]["time_remaining"].as_f64().expect("the server sees a deadline");
-        assert!((5.0..=10.0).contains(&left), "the 10 s deadline reaches the server through grpc-timeout: {left}");
+        assert_eq!(
+            u["initial"]["x-cell-id"],
+            want.as_str(),
+            "response carries X-Cell-ID"
+        );
+        assert_eq!(
+            u["trailing"]["x-served-by"],
+            want.as_str(),
+            "custom trailer intact"
+        );
+        let left = u["body"]["time_remaining"]
+            .as_f64()
+            .expect("the server sees a deadline");
+        assert!(
+            (5.0..=10.0).contains(&left),
+            "the 10 s deadline reaches the server through grpc-timeout: {left}"
+        );
         let s = &r["stream"];
         assert_eq!(s["code"], "OK");
         let msgs = s["messages"].as_array().unwrap();
@@ -100,10 +132,20 @@ async fn grpc_clients_get_a_grpc_status_when_no_cell_serves() {
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
     let out = Command::new("python3")
-        .args([SCRIPT, "call", "--target", &gw.addr.to_string(), "--key", "alice"])
+        .args([
+            SCRIPT,
+            "call",
+            "--target",
+            &gw.addr.to_string(),
+            "--key",
+            "alice",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("UNAVAILABLE") && err.contains("cannot connect"), "grpc status from the gateway: {err}");
+    assert!(
+        err.contains("UNAVAILABLE") && err.contains("cannot connect"),
+        "grpc status from the gateway: {err}"
+    );
 }

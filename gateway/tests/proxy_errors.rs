@@ -14,7 +14,10 @@ fn assert_json_error(r: &Resp, status: u16, needle: &str) {
     assert_eq!(r.header("content-type"), Some("application/json"));
     let v = r.json();
     let msg = v["error"].as_str().unwrap();
-    assert!(msg.contains(needle), "error {msg:?} should mention {needle:?}");
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} should mention {needle:?}"
+    );
     let rid = v["request_id"].as_str().unwrap();
     assert!(!rid.is_empty());
     assert_eq!(r.header("x-request-id"), Some(rid));
@@ -33,13 +36,34 @@ async fn bad_keys_missing_keys_and_malformed_deadlines_are_400() {
 
     assert_json_error(&get(gw.addr, "/", &[]).await, 400, "no routing key");
     let long = "k".repeat(257);
-    assert_json_error(&get(gw.addr, "/", &[("x-user-id", &long)]).await, 400, "257 bytes");
+    assert_json_error(
+        &get(gw.addr, "/", &[("x-user-id", &long)]).await,
+        400,
+        "257 bytes",
+    );
     let ok = "k".repeat(256);
     assert_eq!(get(gw.addr, "/", &[("x-user-id", &ok)]).await.status, 200);
-    assert_json_error(&get(gw.addr, "/?uid=a%01b", &[]).await, 400, "control character");
-    assert_json_error(&get(gw.addr, "/", &[("x-user-id", "a\tb")]).await, 400, "control character");
+    assert_json_error(
+        &get(gw.addr, "/?uid=a%01b", &[]).await,
+        400,
+        "control character",
+    );
+    assert_json_error(
+        &get(gw.addr, "/", &[("x-user-id", "a\tb")]).await,
+        400,
+        "control character",
+    );
     assert_json_error(&get(gw.addr, "/?uid=%FF%FE", &[]).await, 400, "UTF-8");
-    assert_json_error(&get(gw.addr, "/", &[("x-user-id", "alice"), ("x-timeout", "soon")]).await, 400, "X-Timeout");
+    assert_json_error(
+        &get(
+            gw.addr,
+            "/",
+            &[("x-user-id", "alice"), ("x-timeout", "soon")],
+        )
+        .await,
+        400,
+        "X-Timeout",
+    );
     // The gateway still serves.
     assert_eq!(get(gw.addr, "/?uid=alice", &[]).await.status, 200);
 }
@@ -48,7 +72,10 @@ async fn bad_keys_missing_keys_and_malformed_deadlines_are_400() {
 async fn refused_upstreams_are_502_and_no_serving_cell_is_503() {
     let dead1 = dead_addr();
     let dead2 = dead_addr();
-    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", dead1), ("a-2", dead2)])], "");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", dead1), ("a-2", dead2)])],
+        "",
+    );
     let dir = TempDir::new("e502");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
@@ -58,14 +85,21 @@ async fn refused_upstreams_are_502_and_no_serving_cell_is_503() {
 
     // Every cell disabled or draining: 503.
     let up = upstream("b", "b-1");
-    let mut cells = vec![cell("a", "r1", &["b"], &[("a-1", up.addr)]), cell("b", "r1", &[], &[("b-1", up.addr)])];
+    let mut cells = vec![
+        cell("a", "r1", &["b"], &[("a-1", up.addr)]),
+        cell("b", "r1", &[], &[("b-1", up.addr)]),
+    ];
     cells[0].state = "draining";
     cells[1].state = "disabled";
     let yaml = config_yaml(&cells, "");
     std::fs::write(dir.path("d.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("d.yaml"));
     for key in ["alice", "bob", "carol"] {
-        assert_json_error(&get(gw.addr, "/", &[("x-user-id", key)]).await, 503, "no healthy cell");
+        assert_json_error(
+            &get(gw.addr, "/", &[("x-user-id", key)]).await,
+            503,
+            "no healthy cell",
+        );
     }
 }
 
@@ -73,7 +107,10 @@ async fn refused_upstreams_are_502_and_no_serving_cell_is_503() {
 async fn an_upstream_past_the_deadline_is_504_on_time() {
     let up = upstream("a", "a-1");
     fault(up.addr, r#"{"delay_ms": 3000}"#).await;
-    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up.addr)])], "timeouts: { default: 400ms, max: 5s }\n");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 400ms, max: 5s }\n",
+    );
     let dir = TempDir::new("e504");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
@@ -81,9 +118,17 @@ async fn an_upstream_past_the_deadline_is_504_on_time() {
     let r = get(gw.addr, "/", &[("x-user-id", "alice")]).await;
     assert_json_error(&r, 504, "deadline");
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(400) && took < Duration::from_millis(2000), "default deadline, took {took:?}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(2000),
+        "default deadline, took {took:?}"
+    );
     let t = Instant::now();
-    let r = get(gw.addr, "/", &[("x-user-id", "alice"), ("x-timeout", "150ms")]).await;
+    let r = get(
+        gw.addr,
+        "/",
+        &[("x-user-id", "alice"), ("x-timeout", "150ms")],
+    )
+    .await;
     assert_json_error(&r, 504, "150 ms");
     assert!(t.elapsed() < Duration::from_millis(1500));
 }
@@ -106,7 +151,14 @@ async fn malformed_http_is_400_and_the_gateway_keeps_serving() {
         let mut buf = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
         let text = String::from_utf8_lossy(&buf);
-        assert!(text.starts_with("HTTP/1.1 400"), "{:?} answered {text:?}", String::from_utf8_lossy(raw));
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "{:?} answered {text:?}",
+            String::from_utf8_lossy(raw)
+        );
     }
-    assert_eq!(get(gw.addr, "/", &[("x-user-id", "alice")]).await.status, 200);
+    assert_eq!(
+        get(gw.addr, "/", &[("x-user-id", "alice")]).await.status,
+        200
+    );
 }

@@ -26,7 +26,12 @@ fn three_cells(extra: &str) -> Fleet {
     ];
     let yaml = config_yaml(
         &[
-            cell("bj-1", "bj", &["bj-2", "sh-1"], &[("bj-1-a", ups[0].addr), ("bj-1-b", ups[1].addr)]),
+            cell(
+                "bj-1",
+                "bj",
+                &["bj-2", "sh-1"],
+                &[("bj-1-a", ups[0].addr), ("bj-1-b", ups[1].addr)],
+            ),
             cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[2].addr)]),
             cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[3].addr)]),
         ],
@@ -51,7 +56,11 @@ async fn http1_requests_land_in_the_home_cell_every_time() {
             let r = c.get("/anything", &[("x-user-id", &key)]).await;
             assert_eq!(r.status, 200);
             assert_eq!(r.header("x-cell-id"), Some(want.as_str()), "key {key}");
-            assert_eq!(r.json()["cell"], want.as_str(), "served by an instance of {want}");
+            assert_eq!(
+                r.json()["cell"],
+                want.as_str(),
+                "served by an instance of {want}"
+            );
             assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
         }
         seen.insert(want);
@@ -85,23 +94,51 @@ async fn upstream_receives_contract_headers_and_untrusted_cell_id_is_ignored() {
     )
     .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-cell-id"), Some(want.as_str()), "spoofed X-Cell-ID must not change the route");
+    assert_eq!(
+        r.header("x-cell-id"),
+        Some(want.as_str()),
+        "spoofed X-Cell-ID must not change the route"
+    );
     assert_eq!(r.header("x-request-id"), Some("req-from-client-1"));
     let body = r.json();
     assert_eq!(body["cell"], want.as_str());
     assert_eq!(body["path"], "/orders/42");
-    assert_eq!(r.echoed("x-cell-id").as_deref(), Some(want.as_str()), "upstream sees the decided cell, not the spoof");
+    assert_eq!(
+        r.echoed("x-cell-id").as_deref(),
+        Some(want.as_str()),
+        "upstream sees the decided cell, not the spoof"
+    );
     assert_eq!(r.echoed("x-routing-version").as_deref(), Some("1"));
-    assert_eq!(r.echoed("x-request-id").as_deref(), Some("req-from-client-1"));
+    assert_eq!(
+        r.echoed("x-request-id").as_deref(),
+        Some("req-from-client-1")
+    );
     let tp_up = r.echoed("traceparent").unwrap();
-    assert!(tp_up.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "trace continued: {tp_up}");
-    assert_ne!(&tp_up[36..52], "00f067aa0ba902b7", "new parent id for this hop");
-    assert_eq!(r.echoed("x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
+    assert!(
+        tp_up.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "trace continued: {tp_up}"
+    );
+    assert_ne!(
+        &tp_up[36..52],
+        "00f067aa0ba902b7",
+        "new parent id for this hop"
+    );
+    assert_eq!(
+        r.echoed("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(r.echoed("x-forwarded-proto").as_deref(), Some("http"));
     let xt = r.echoed("x-timeout").unwrap();
     let ms: u64 = xt.strip_suffix("ms").unwrap().parse().unwrap();
-    assert!((1000..=2000).contains(&ms), "remaining budget of a 2s deadline, got {xt}");
-    assert_eq!(r.echoed("x-hop"), None, "headers named by Connection are hop-by-hop");
+    assert!(
+        (1000..=2000).contains(&ms),
+        "remaining budget of a 2s deadline, got {xt}"
+    );
+    assert_eq!(
+        r.echoed("x-hop"),
+        None,
+        "headers named by Connection are hop-by-hop"
+    );
     assert_eq!(r.echoed("connection"), None);
 
     // Without client ids, the gateway makes them.
@@ -111,8 +148,17 @@ async fn upstream_receives_contract_headers_and_untrusted_cell_id_is_ignored() {
     let tp = r.echoed("traceparent").unwrap();
     assert_eq!(tp.len(), 55);
     assert!(tp.starts_with("00-"));
-    let ms: u64 = r.echoed("x-timeout").unwrap().strip_suffix("ms").unwrap().parse().unwrap();
-    assert!((14_000..=15_000).contains(&ms), "default 15s budget, got {ms}");
+    let ms: u64 = r
+        .echoed("x-timeout")
+        .unwrap()
+        .strip_suffix("ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (14_000..=15_000).contains(&ms),
+        "default 15s budget, got {ms}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,10 +170,20 @@ async fn trusted_clients_may_force_a_cell() {
     let table = table_of(&f.yaml);
     let want = expected_cell(&table, "alice");
     let force = if want == "sh-1" { "bj-2" } else { "sh-1" };
-    let r = get(gw.addr, "/", &[("x-user-id", "alice"), ("x-cell-id", force)]).await;
+    let r = get(
+        gw.addr,
+        "/",
+        &[("x-user-id", "alice"), ("x-cell-id", force)],
+    )
+    .await;
     assert_eq!(r.header("x-cell-id"), Some(force));
     assert_eq!(r.json()["cell"], force);
-    let r = get(gw.addr, "/", &[("x-user-id", "alice"), ("x-cell-id", "nope")]).await;
+    let r = get(
+        gw.addr,
+        "/",
+        &[("x-user-id", "alice"), ("x-cell-id", "nope")],
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().unwrap().contains("unknown cell"));
 }
@@ -140,7 +196,10 @@ async fn h2c_prior_knowledge_is_routed_by_key() {
     let gw = Gateway::start(&dir.path("c.yaml"));
     let table = table_of(&f.yaml);
     let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     for key in ["alice", "bob", "carol", "dave", "erin"] {
         let req = Request::get(format!("http://gateway.test/h2/{key}"))
@@ -152,16 +211,22 @@ async fn h2c_prior_knowledge_is_routed_by_key() {
         assert_eq!(res.status(), 200);
         let want = expected_cell(&table, key);
         assert_eq!(res.headers()["x-cell-id"], want.as_str());
-        let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
         assert_eq!(body["cell"], want.as_str());
         assert_eq!(body["path"], format!("/h2/{key}"));
-        assert_eq!(body["headers"]["host"], "gateway.test", "authority becomes Host for an HTTP/1.1 upstream");
+        assert_eq!(
+            body["headers"]["host"], "gateway.test",
+            "authority becomes Host for an HTTP/1.1 upstream"
+        );
     }
 }
 
 fn tls_client_config(ca_der: Vec<u8>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca_der)).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der))
+        .unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -191,28 +256,48 @@ async fn http2_and_http1_over_tls_with_alpn_are_routed_by_key() {
     let ca = cert.cert.der().to_vec();
 
     // HTTP/2 by ALPN.
-    let connector = tokio_rustls::TlsConnector::from(tls_client_config(ca.clone(), &[b"h2", b"http/1.1"]));
+    let connector =
+        tokio_rustls::TlsConnector::from(tls_client_config(ca.clone(), &[b"h2", b"http/1.1"]));
     let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
-    let req = Request::get("https://localhost/secure").header("x-user-id", "alice").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("https://localhost/secure")
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let res = tx.send_request(req).await.unwrap();
     assert_eq!(res.version(), http::Version::HTTP_2);
     assert_eq!(res.headers()["x-cell-id"], want.as_str());
-    let body: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(body["cell"], want.as_str());
     assert_eq!(body["headers"]["x-forwarded-proto"], "https");
 
     // HTTP/1.1 by ALPN.
     let connector = tokio_rustls::TlsConnector::from(tls_client_config(ca, &[b"http/1.1"]));
     let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = Request::get("/secure").header("host", "localhost").header("x-user-id", "alice").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("/secure")
+        .header("host", "localhost")
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let res = tx.send_request(req).await.unwrap();
     assert_eq!(res.version(), http::Version::HTTP_11);
     assert_eq!(res.headers()["x-cell-id"], want.as_str());

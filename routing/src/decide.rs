@@ -105,7 +105,12 @@ impl RoutingTable {
     pub fn decide(&self, input: &RouteInput<'_>) -> Result<Decision, DecideError> {
         let now = input.now_ms;
         let (home, slot, via_override, forced) = if let Some(forced) = input.forced_cell {
-            (forced, input.key.map(|k| slot_of(k.as_bytes(), self.slot_count)), false, true)
+            (
+                forced,
+                input.key.map(|k| slot_of(k.as_bytes(), self.slot_count)),
+                false,
+                true,
+            )
         } else if let Some(key) = input.key {
             let (slot, home, via) = self.home_of(key);
             (home, Some(slot), via, false)
@@ -121,7 +126,12 @@ impl RoutingTable {
             } else {
                 Reason::Slot
             };
-            return Ok(Decision { cell: home, home: Some(home), slot, reason });
+            return Ok(Decision {
+                cell: home,
+                home: Some(home),
+                slot,
+                reason,
+            });
         }
         for &target in &cell.failover {
             if self.cells[usize::from(target)].is_serving(now) {
@@ -129,13 +139,20 @@ impl RoutingTable {
                     cell: target,
                     home: Some(home),
                     slot,
-                    reason: Reason::Failover { from: home, via_override },
+                    reason: Reason::Failover {
+                        from: home,
+                        via_override,
+                    },
                 });
             }
         }
         Err(DecideError::NoServingCell {
             home: cell.id.to_string(),
-            state: if cell.state == CellState::Active { "without a healthy instance" } else { cell.state.as_str() },
+            state: if cell.state == CellState::Active {
+                "without a healthy instance"
+            } else {
+                cell.state.as_str()
+            },
         })
     }
 
@@ -150,8 +167,15 @@ impl RoutingTable {
             .or(default_region);
         let now = input.now_ms;
         let pick = |in_region: &dyn Fn(u16) -> bool| -> Option<CellIdx> {
-            let eligible = |c: &crate::table::Cell| in_region(c.region_idx) && c.weight > 0 && c.is_serving(now);
-            let total: u64 = self.cells.iter().filter(|c| eligible(c)).map(|c| u64::from(c.weight)).sum();
+            let eligible = |c: &crate::table::Cell| {
+                in_region(c.region_idx) && c.weight > 0 && c.is_serving(now)
+            };
+            let total: u64 = self
+                .cells
+                .iter()
+                .filter(|c| eligible(c))
+                .map(|c| u64::from(c.weight))
+                .sum();
             if total == 0 {
                 return None;
             }
@@ -172,13 +196,23 @@ impl RoutingTable {
             None => pick(&|_| true),
         };
         chosen
-            .map(|cell| Decision { cell, home: None, slot: None, reason: Reason::Anonymous { region } })
+            .map(|cell| Decision {
+                cell,
+                home: None,
+                slot: None,
+                reason: Reason::Anonymous { region },
+            })
             .ok_or(DecideError::NoCellAnywhere)
     }
 
     /// The first enabled gray rule that tags this request, if any.
     #[inline]
-    pub fn gray_rule(&self, key: Option<&str>, cell: CellIdx, headers: &HeaderMap) -> Option<&GrayRule> {
+    pub fn gray_rule(
+        &self,
+        key: Option<&str>,
+        cell: CellIdx,
+        headers: &HeaderMap,
+    ) -> Option<&GrayRule> {
         if self.gray.is_empty() {
             return None;
         }
@@ -191,7 +225,14 @@ impl RoutingTable {
     /// available instances when none matches. Instances whose bit is set in `tried`
     /// (bit i = instance i) are skipped.
     #[inline]
-    pub fn pick_instance(&self, cell: CellIdx, tag: Option<&str>, wrr: &mut SmoothWrr, now: u64, tried: u64) -> Option<usize> {
+    pub fn pick_instance(
+        &self,
+        cell: CellIdx,
+        tag: Option<&str>,
+        wrr: &mut SmoothWrr,
+        now: u64,
+        tried: u64,
+    ) -> Option<usize> {
         let insts = &self.cells.get(usize::from(cell))?.instances;
         let usable = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
         let exact = wrr.pick(insts.len(), |i| {
@@ -217,14 +258,19 @@ impl RoutingTable {
     /// Explain where `key` goes now.
     pub fn explain(&self, key: &str, now_ms: u64) -> Result<Explain, ExplainError> {
         crate::key::check_key(key)?;
-        let d = self.decide(&RouteInput { key: Some(key), now_ms, ..RouteInput::default() });
+        let d = self.decide(&RouteInput {
+            key: Some(key),
+            now_ms,
+            ..RouteInput::default()
+        });
         let (slot, home, _) = self.home_of(key);
         let home_cell = &self.cells[usize::from(home)];
         let (cell, reason, gray_tag) = match &d {
             Ok(d) => (
                 self.cells[usize::from(d.cell)].id.to_string(),
                 self.reason_text(d),
-                self.gray_rule(Some(key), d.cell, &HeaderMap::new()).map(|r| r.tag.to_string()),
+                self.gray_rule(Some(key), d.cell, &HeaderMap::new())
+                    .map(|r| r.tag.to_string()),
             ),
             Err(e) => (String::new(), e.to_string(), None),
         };
@@ -245,7 +291,11 @@ impl RoutingTable {
         let name = |c: CellIdx| self.cells.get(usize::from(c)).map_or("?", |c| &*c.id);
         match d.reason {
             Reason::Override => format!("override pins the key to {}", name(d.cell)),
-            Reason::Slot => format!("slot {} belongs to {}", d.slot.unwrap_or_default(), name(d.cell)),
+            Reason::Slot => format!(
+                "slot {} belongs to {}",
+                d.slot.unwrap_or_default(),
+                name(d.cell)
+            ),
             Reason::Forced => format!("trusted client forced {}", name(d.cell)),
             Reason::Failover { from, via_override } => {
                 let home = &self.cells[usize::from(from)];
@@ -257,12 +307,19 @@ impl RoutingTable {
                 format!(
                     "home cell {} ({}) {why}; first serving failover target is {}",
                     home.id,
-                    if via_override { "by override" } else { "by slot" },
+                    if via_override {
+                        "by override"
+                    } else {
+                        "by slot"
+                    },
                     name(d.cell)
                 )
             }
             Reason::Anonymous { region } => match region {
-                Some(r) => format!("no key; best serving cell for region {}", self.regions[usize::from(r)]),
+                Some(r) => format!(
+                    "no key; best serving cell for region {}",
+                    self.regions[usize::from(r)]
+                ),
                 None => "no key; best serving cell in any region".to_owned(),
             },
         }

@@ -79,11 +79,16 @@ impl GrayRule {
         let header = match spec.header {
             None => None,
             Some((n, v)) => Some((
-                HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("header: invalid name {n:?}"))?,
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("header: invalid name {n:?}"))?,
                 HeaderValue::from_str(&v).map_err(|_| format!("header: invalid value {v:?}"))?,
             )),
         };
-        if spec.keys.is_empty() && basis_points.is_none() && region_idx.is_empty() && header.is_none() {
+        if spec.keys.is_empty()
+            && basis_points.is_none()
+            && region_idx.is_empty()
+            && header.is_none()
+        {
             return Err("needs at least one of keys, percent, regions, header".into());
         }
         Ok(Self {
@@ -110,9 +115,9 @@ impl GrayRule {
         if !w.keys.is_empty() || w.basis_points.is_some() {
             let Some(key) = key else { return false };
             let listed = w.keys.contains(key);
-            let in_share = w
-                .basis_points
-                .is_some_and(|bp| (xxh3_64_with_seed(key.as_bytes(), w.seed) % 10_000) < u64::from(bp));
+            let in_share = w.basis_points.is_some_and(|bp| {
+                (xxh3_64_with_seed(key.as_bytes(), w.seed) % 10_000) < u64::from(bp)
+            });
             if !listed && !in_share {
                 return false;
             }

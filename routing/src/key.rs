@@ -73,11 +73,16 @@ impl KeySource {
             JwtVerify::Unverified => None,
             JwtVerify::Hs256(secret) => Some((DecodingKey::from_secret(secret), Algorithm::HS256)),
             JwtVerify::Rs256Pem(pem) => Some((
-                DecodingKey::from_rsa_pem(pem).map_err(|e| format!("not an RSA public key PEM: {e}"))?,
+                DecodingKey::from_rsa_pem(pem)
+                    .map_err(|e| format!("not an RSA public key PEM: {e}"))?,
                 Algorithm::RS256,
             )),
         };
-        Ok(Self::Jwt(JwtSource { header, claim: claim.to_owned(), verify }))
+        Ok(Self::Jwt(JwtSource {
+            header,
+            claim: claim.to_owned(),
+            verify,
+        }))
     }
 
     fn name(&self) -> &'static str {
@@ -148,7 +153,9 @@ fn decode_unverified(token: &str) -> Result<serde_json::Map<String, serde_json::
     let (Some(_), Some(payload), Some(_), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(KeyError::Jwt("token is not three dot-separated parts".into()));
+        return Err(KeyError::Jwt(
+            "token is not three dot-separated parts".into(),
+        ));
     };
     let bytes = base64url_decode(payload)
         .ok_or_else(|| KeyError::Jwt("payload is not base64url".into()))?;
@@ -238,7 +245,10 @@ impl KeySources {
 }
 
 /// Check a key's length, encoding and characters.
-fn validate_key<'a>(raw: Cow<'a, [u8]>, source_name: &'static str) -> Result<Cow<'a, str>, KeyError> {
+fn validate_key<'a>(
+    raw: Cow<'a, [u8]>,
+    source_name: &'static str,
+) -> Result<Cow<'a, str>, KeyError> {
     if raw.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong {
             source_name,
@@ -265,8 +275,14 @@ pub(crate) fn check_key(key: &str) -> Result<(), KeyError> {
 }
 
 fn trim_bytes(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -310,16 +326,14 @@ fn percent_decode(s: &[u8], plus_is_space: bool) -> Cow<'_, [u8]> {
     let mut i = 0;
     while i < s.len() {
         match s[i] {
-            b'%' if i + 2 < s.len() => {
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' if plus_is_space => out.push(b' '),
             c => out.push(c),
         }
@@ -366,7 +380,10 @@ mod tests {
     #[test]
     fn sources_in_order() {
         let s = all_sources();
-        let (u, h) = req("/u/path-key?user=q%20key", &[("cookie", "a=1; uid=\"ck\""), ("x-user-id", " hdr ")]);
+        let (u, h) = req(
+            "/u/path-key?user=q%20key",
+            &[("cookie", "a=1; uid=\"ck\""), ("x-user-id", " hdr ")],
+        );
         assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("hdr"));
         let (u, h) = req("/u/path-key?user=q%20key", &[("cookie", "a=1; uid=\"ck\"")]);
         assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("ck"));
@@ -383,16 +400,25 @@ mod tests {
         let s = all_sources();
         let long = "k".repeat(257);
         let (u, h) = req("/", &[("x-user-id", &long)]);
-        assert!(matches!(s.extract(&u, &h), Err(KeyError::TooLong { len: 257, .. })));
+        assert!(matches!(
+            s.extract(&u, &h),
+            Err(KeyError::TooLong { len: 257, .. })
+        ));
         let ok = "k".repeat(256);
         let (u, h) = req("/", &[("x-user-id", &ok)]);
         assert!(s.extract(&u, &h).is_ok());
         let (u, h) = req("/?user=a%01b", &[]);
-        assert!(matches!(s.extract(&u, &h), Err(KeyError::ControlChar { .. })));
+        assert!(matches!(
+            s.extract(&u, &h),
+            Err(KeyError::ControlChar { .. })
+        ));
         let (u, h) = req("/?user=a%FFb", &[]);
         assert!(matches!(s.extract(&u, &h), Err(KeyError::NotUtf8 { .. })));
         let (u, h) = req("/", &[("x-user-id", "a\tb")]);
-        assert!(matches!(s.extract(&u, &h), Err(KeyError::ControlChar { .. })));
+        assert!(matches!(
+            s.extract(&u, &h),
+            Err(KeyError::ControlChar { .. })
+        ));
     }
 
     #[test]
@@ -414,7 +440,10 @@ mod tests {
 
     #[test]
     fn jwt_claims_verified_and_unverified() {
-        let token = hs256_token(&serde_json::json!({"sub": "jwt-user", "tenant": 7}), b"s3cret");
+        let token = hs256_token(
+            &serde_json::json!({"sub": "jwt-user", "tenant": 7}),
+            b"s3cret",
+        );
         let auth = format!("Bearer {token}");
         let verified = KeySources::new(vec![KeySource::Jwt(JwtSource {
             header: HeaderName::from_static("authorization"),
@@ -422,7 +451,10 @@ mod tests {
             verify: Some((DecodingKey::from_secret(b"s3cret"), Algorithm::HS256)),
         })]);
         let (u, h) = req("/", &[("authorization", &auth)]);
-        assert_eq!(verified.extract(&u, &h).expect("ok").as_deref(), Some("jwt-user"));
+        assert_eq!(
+            verified.extract(&u, &h).expect("ok").as_deref(),
+            Some("jwt-user")
+        );
 
         let wrong = KeySources::new(vec![KeySource::Jwt(JwtSource {
             header: HeaderName::from_static("authorization"),
@@ -436,7 +468,10 @@ mod tests {
             claim: "tenant".into(),
             verify: None,
         })]);
-        assert_eq!(unverified.extract(&u, &h).expect("ok").as_deref(), Some("7"));
+        assert_eq!(
+            unverified.extract(&u, &h).expect("ok").as_deref(),
+            Some("7")
+        );
         let (u, h) = req("/", &[("authorization", "Bearer not-a-jwt")]);
         assert!(matches!(unverified.extract(&u, &h), Err(KeyError::Jwt(_))));
     }

@@ -24,7 +24,7 @@ pub use gray::{GrayMatch, GrayRule};
 pub use key::{JwtSource, JwtVerify, KeySource, KeySources, MAX_KEY_LEN};
 pub use slot::{slot_of, DEFAULT_SLOT_COUNT};
 pub use table::{
-    AnonymousPolicy, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec, RoutingTable, TableBuilder, Timeouts,
-    UpstreamProtocol,
+    AnonymousPolicy, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec,
+    RoutingTable, TableBuilder, Timeouts, UpstreamProtocol,
 };
 pub use wrr::SmoothWrr;

@@ -202,7 +202,10 @@ impl RoutingTable {
     }
     /// The index of a region by name.
     pub fn region_idx(&self, name: &str) -> Option<u16> {
-        self.regions.iter().position(|r| &**r == name).map(|i| i as u16)
+        self.regions
+            .iter()
+            .position(|r| &**r == name)
+            .map(|i| i as u16)
     }
     /// Key → cell pins.
     pub fn overrides(&self) -> &HashMap<Box<str>, CellIdx> {
@@ -312,7 +315,11 @@ impl TableBuilder {
     pub fn new(version: u64, slot_count: u32) -> Self {
         Self {
             version,
-            slot_count: if slot_count == 0 { DEFAULT_SLOT_COUNT } else { slot_count },
+            slot_count: if slot_count == 0 {
+                DEFAULT_SLOT_COUNT
+            } else {
+                slot_count
+            },
             regions: Vec::new(),
             cells: Vec::new(),
             slot_ranges: Vec::new(),
@@ -385,7 +392,10 @@ impl TableBuilder {
             return Err(TableError::at("cells", "at least one cell is required"));
         }
         if self.cells.len() > MAX_CELLS {
-            return Err(TableError::at("cells", format!("at most {MAX_CELLS} cells")));
+            return Err(TableError::at(
+                "cells",
+                format!("at most {MAX_CELLS} cells"),
+            ));
         }
         let mut regions: Vec<Arc<str>> = Vec::new();
         for (i, r) in self.regions.iter().enumerate() {
@@ -393,7 +403,10 @@ impl TableBuilder {
                 return Err(TableError::at(format!("regions[{i}]"), "empty region name"));
             }
             if regions.iter().any(|x| &**x == r) {
-                return Err(TableError::at(format!("regions[{i}]"), format!("duplicate region {r:?}")));
+                return Err(TableError::at(
+                    format!("regions[{i}]"),
+                    format!("duplicate region {r:?}"),
+                ));
             }
             regions.push(r.as_str().into());
         }
@@ -404,8 +417,14 @@ impl TableBuilder {
             if c.id.is_empty() {
                 return Err(TableError::at(format!("cells[{i}].id"), "empty cell id"));
             }
-            if cell_ids.insert(c.id.as_str().into(), i as CellIdx).is_some() {
-                return Err(TableError::at(format!("cells[{i}].id"), format!("duplicate cell id {:?}", c.id)));
+            if cell_ids
+                .insert(c.id.as_str().into(), i as CellIdx)
+                .is_some()
+            {
+                return Err(TableError::at(
+                    format!("cells[{i}].id"),
+                    format!("duplicate cell id {:?}", c.id),
+                ));
             }
         }
         let mut cells = Vec::with_capacity(self.cells.len());
@@ -416,28 +435,44 @@ impl TableBuilder {
             let Some(ri) = region_idx(&c.region) else {
                 return Err(TableError::at(
                     format!("cells[{i}].region"),
-                    format!("unknown region {:?} (declared: {})", c.region, self.regions.join(", ")),
+                    format!(
+                        "unknown region {:?} (declared: {})",
+                        c.region,
+                        self.regions.join(", ")
+                    ),
                 ));
             };
             let mut failover = Vec::with_capacity(c.failover.len());
             for (j, f) in c.failover.iter().enumerate() {
                 let Some(&fi) = cell_ids.get(f.as_str()) else {
-                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), format!("unknown cell {f:?}")));
+                    return Err(TableError::at(
+                        format!("cells[{i}].failover[{j}]"),
+                        format!("unknown cell {f:?}"),
+                    ));
                 };
                 if usize::from(fi) == i {
-                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), "a cell cannot fail over to itself"));
+                    return Err(TableError::at(
+                        format!("cells[{i}].failover[{j}]"),
+                        "a cell cannot fail over to itself",
+                    ));
                 }
                 if failover.contains(&fi) {
-                    return Err(TableError::at(format!("cells[{i}].failover[{j}]"), format!("duplicate failover target {f:?}")));
+                    return Err(TableError::at(
+                        format!("cells[{i}].failover[{j}]"),
+                        format!("duplicate failover target {f:?}"),
+                    ));
                 }
                 failover.push(fi);
             }
             let mut instances = Vec::with_capacity(c.instances.len());
             for (j, inst) in c.instances.iter().enumerate() {
                 if inst.name.is_empty() {
-                    return Err(TableError::at(format!("cells[{i}].instances[{j}].name"), "empty instance name"));
+                    return Err(TableError::at(
+                        format!("cells[{i}].instances[{j}].name"),
+                        "empty instance name",
+                    ));
                 }
-                if instances.iter().any(|x: &Instance| &*x.name == inst.name) {
+                if instances.iter().any(|x: &Instance| *x.name == inst.name) {
                     return Err(TableError::at(
                         format!("cells[{i}].instances[{j}].name"),
                         format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id),
@@ -477,7 +512,10 @@ impl TableBuilder {
         } else {
             for (k, (cell, ranges)) in self.slot_ranges.iter().enumerate() {
                 let Some(&ci) = cell_ids.get(cell.as_str()) else {
-                    return Err(TableError::at(format!("slots[{k}].cell"), format!("unknown cell {cell:?}")));
+                    return Err(TableError::at(
+                        format!("slots[{k}].cell"),
+                        format!("unknown cell {cell:?}"),
+                    ));
                 };
                 for (r, &(lo, hi)) in ranges.iter().enumerate() {
                     if lo > hi || hi >= self.slot_count {
@@ -491,7 +529,10 @@ impl TableBuilder {
                         if *slot != UNSET {
                             return Err(TableError::at(
                                 format!("slots[{k}].ranges[{r}]"),
-                                format!("slot {s} is assigned twice ({} and {cell})", cells[usize::from(*slot)].id),
+                                format!(
+                                    "slot {s} is assigned twice ({} and {cell})",
+                                    cells[usize::from(*slot)].id
+                                ),
                             ));
                         }
                         *slot = ci;
@@ -509,9 +550,13 @@ impl TableBuilder {
 
         let mut overrides = HashMap::with_capacity(self.overrides.len());
         for (k, (key, cell)) in self.overrides.iter().enumerate() {
-            crate::key::check_key(key).map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
+            crate::key::check_key(key)
+                .map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
             let Some(&ci) = cell_ids.get(cell.as_str()) else {
-                return Err(TableError::at(format!("overrides[{k}]"), format!("unknown cell {cell:?} for key {key:?}")));
+                return Err(TableError::at(
+                    format!("overrides[{k}]"),
+                    format!("unknown cell {cell:?} for key {key:?}"),
+                ));
             };
             overrides.insert(key.as_str().into(), ci);
         }
@@ -522,7 +567,10 @@ impl TableBuilder {
             let default_region = match &self.default_region {
                 None => None,
                 Some(r) => Some(region_idx(r).ok_or_else(|| {
-                    TableError::at("routing.anonymous.default_region", format!("unknown region {r:?}"))
+                    TableError::at(
+                        "routing.anonymous.default_region",
+                        format!("unknown region {r:?}"),
+                    )
                 })?),
             };
             AnonymousPolicy::Region { default_region }
@@ -530,16 +578,25 @@ impl TableBuilder {
         let mut region_cidrs = Vec::with_capacity(self.region_cidrs.len());
         for (k, (net, r)) in self.region_cidrs.iter().enumerate() {
             let ri = region_idx(r).ok_or_else(|| {
-                TableError::at(format!("routing.region_cidrs[{k}]"), format!("unknown region {r:?}"))
+                TableError::at(
+                    format!("routing.region_cidrs[{k}]"),
+                    format!("unknown region {r:?}"),
+                )
             })?;
             region_cidrs.push((*net, ri));
         }
         let mut gray = Vec::with_capacity(self.gray.len());
         for (k, spec) in self.gray.into_iter().enumerate() {
-            gray.push(GrayRule::from_spec(spec, &regions).map_err(|m| TableError::at(format!("gray[{k}]"), m))?);
+            gray.push(
+                GrayRule::from_spec(spec, &regions)
+                    .map_err(|m| TableError::at(format!("gray[{k}]"), m))?,
+            );
         }
         if self.timeouts.default > self.timeouts.max {
-            return Err(TableError::at("timeouts.default", "longer than timeouts.max"));
+            return Err(TableError::at(
+                "timeouts.default",
+                "longer than timeouts.max",
+            ));
         }
 
         Ok(RoutingTable {

@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 
 use cellgate_health::{EjectionPolicy, HealthRegistry};
-use cellgate_routing::{CellSpec, CellState, InstanceSpec, Reason, RouteInput, RoutingTable, TableBuilder, UpstreamProtocol};
+use cellgate_routing::{
+    CellSpec, CellState, InstanceSpec, Reason, RouteInput, RoutingTable, TableBuilder,
+    UpstreamProtocol,
+};
 use proptest::prelude::*;
 
 fn inst(name: &str, port: u16) -> InstanceSpec {
@@ -24,7 +27,10 @@ fn spec(id: &str, region: &str, state: CellState, failover: &[&str]) -> CellSpec
         state,
         weight: 100,
         failover: failover.iter().map(|s| (*s).to_owned()).collect(),
-        instances: vec![inst(&format!("{id}-a"), 1000), inst(&format!("{id}-b"), 1001)],
+        instances: vec![
+            inst(&format!("{id}-a"), 1000),
+            inst(&format!("{id}-b"), 1001),
+        ],
         protocol: UpstreamProtocol::Auto,
     }
 }
@@ -55,7 +61,11 @@ fn xorshift(state: &mut u64) -> u64 {
 
 fn random_key(state: &mut u64) -> String {
     let len = 4 + (xorshift(state) % 28) as usize;
-    (0..len).map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789-_@."[(xorshift(state) % 40) as usize])).collect()
+    (0..len)
+        .map(|_| {
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789-_@."[(xorshift(state) % 40) as usize])
+        })
+        .collect()
 }
 
 #[test]
@@ -67,13 +77,22 @@ fn shares_of_100k_random_keys_are_within_one_percent_of_slot_shares() {
     let n = 100_000;
     for _ in 0..n {
         let key = random_key(&mut rng);
-        let d = t.decide(&RouteInput { key: Some(&key), now_ms: 1, ..Default::default() }).unwrap();
+        let d = t
+            .decide(&RouteInput {
+                key: Some(&key),
+                now_ms: 1,
+                ..Default::default()
+            })
+            .unwrap();
         counts[usize::from(d.cell)] += 1;
     }
     for c in 0..4 {
         let key_share = f64::from(counts[c]) / f64::from(n);
         let slot_share = f64::from(slots[c]) / 16384.0;
-        assert!((key_share - slot_share).abs() <= 0.01, "cell c{c}: {key_share:.4} of keys vs {slot_share:.4} of slots");
+        assert!(
+            (key_share - slot_share).abs() <= 0.01,
+            "cell c{c}: {key_share:.4} of keys vs {slot_share:.4} of slots"
+        );
     }
 }
 
@@ -81,7 +100,10 @@ fn shares_of_100k_random_keys_are_within_one_percent_of_slot_shares() {
 fn an_override_wins_over_the_slot_table_and_still_fails_over() {
     let health = HealthRegistry::new();
     let base = skewed([CellState::Active; 4], &health);
-    let key = (0..1000).map(|i| format!("vip-{i}")).find(|k| base.home_of(k).1 == 3).unwrap();
+    let key = (0..1000)
+        .map(|i| format!("vip-{i}"))
+        .find(|k| base.home_of(k).1 == 3)
+        .unwrap();
     let t = TableBuilder::new(8, 16384)
         .region("r1")
         .cell(spec("c0", "r1", CellState::Active, &[]))
@@ -96,47 +118,123 @@ fn an_override_wins_over_the_slot_table_and_still_fails_over() {
         .override_key(key.clone(), "c1")
         .build(&health)
         .unwrap();
-    let d = plain.decide(&RouteInput { key: Some(&key), now_ms: 1, ..Default::default() }).unwrap();
+    let d = plain
+        .decide(&RouteInput {
+            key: Some(&key),
+            now_ms: 1,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!((d.cell, d.reason), (1, Reason::Override));
-    let d = t.decide(&RouteInput { key: Some(&key), now_ms: 1, ..Default::default() }).unwrap();
+    let d = t
+        .decide(&RouteInput {
+            key: Some(&key),
+            now_ms: 1,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(d.cell, 0);
-    assert_eq!(d.reason, Reason::Failover { from: 1, via_override: true });
+    assert_eq!(
+        d.reason,
+        Reason::Failover {
+            from: 1,
+            via_override: true
+        }
+    );
     let e = t.explain(&key, 1).unwrap();
-    assert!(e.reason.contains("by override") && e.reason.contains("draining"), "{}", e.reason);
+    assert!(
+        e.reason.contains("by override") && e.reason.contains("draining"),
+        "{}",
+        e.reason
+    );
 }
 
 #[test]
 fn ejected_instances_make_a_cell_fail_over_and_the_state_survives_a_rebuild() {
     let health = HealthRegistry::new();
     let t = skewed([CellState::Active; 4], &health);
-    let key = (0..1000).map(|i| format!("k{i}")).find(|k| t.home_of(k).1 == 0).unwrap();
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| t.home_of(k).1 == 0)
+        .unwrap();
     let policy = EjectionPolicy::default();
     for inst in &t.cells()[0].instances {
         for _ in 0..policy.consecutive_failures {
             inst.health.record_failure(10, &policy);
         }
     }
-    let d = t.decide(&RouteInput { key: Some(&key), now_ms: 11, ..Default::default() }).unwrap();
-    assert_eq!(d.cell, 1, "home c0 has no healthy instance → first failover target c1");
+    let d = t
+        .decide(&RouteInput {
+            key: Some(&key),
+            now_ms: 11,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        d.cell, 1,
+        "home c0 has no healthy instance → first failover target c1"
+    );
     // A new table (a reload) sees the same ejections.
     let t2 = skewed([CellState::Active; 4], &health);
-    let d2 = t2.decide(&RouteInput { key: Some(&key), now_ms: 11, ..Default::default() }).unwrap();
+    let d2 = t2
+        .decide(&RouteInput {
+            key: Some(&key),
+            now_ms: 11,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(d2.cell, 1);
     // After the back-off the cell serves again.
-    let d3 = t2.decide(&RouteInput { key: Some(&key), now_ms: 10 + 1000, ..Default::default() }).unwrap();
+    let d3 = t2
+        .decide(&RouteInput {
+            key: Some(&key),
+            now_ms: 10 + 1000,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(d3.cell, 0);
 }
 
 #[test]
 fn keyless_requests_use_the_hinted_region_then_others_or_are_rejected() {
     let health = HealthRegistry::new();
-    let t = skewed([CellState::Active, CellState::Active, CellState::Draining, CellState::Active], &health);
+    let t = skewed(
+        [
+            CellState::Active,
+            CellState::Active,
+            CellState::Draining,
+            CellState::Active,
+        ],
+        &health,
+    );
     for spread in 0..50u64 {
-        let d = t.decide(&RouteInput { region_hint: Some("r2"), spread, now_ms: 1, ..Default::default() }).unwrap();
+        let d = t
+            .decide(&RouteInput {
+                region_hint: Some("r2"),
+                spread,
+                now_ms: 1,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(d.cell, 3, "only serving cell of r2");
     }
-    let t = skewed([CellState::Active, CellState::Active, CellState::Draining, CellState::Draining], &health);
-    let d = t.decide(&RouteInput { region_hint: Some("r2"), spread: 3, now_ms: 1, ..Default::default() }).unwrap();
+    let t = skewed(
+        [
+            CellState::Active,
+            CellState::Active,
+            CellState::Draining,
+            CellState::Draining,
+        ],
+        &health,
+    );
+    let d = t
+        .decide(&RouteInput {
+            region_hint: Some("r2"),
+            spread: 3,
+            now_ms: 1,
+            ..Default::default()
+        })
+        .unwrap();
     assert!(d.cell <= 1, "r2 has nothing serving → other regions");
     let reject = TableBuilder::new(1, 16384)
         .region("r1")
@@ -144,11 +242,21 @@ fn keyless_requests_use_the_hinted_region_then_others_or_are_rejected() {
         .anonymous(true, None)
         .build(&health)
         .unwrap();
-    assert!(reject.decide(&RouteInput { now_ms: 1, ..Default::default() }).is_err());
+    assert!(reject
+        .decide(&RouteInput {
+            now_ms: 1,
+            ..Default::default()
+        })
+        .is_err());
 }
 
 fn state_of(i: u8) -> CellState {
-    [CellState::Active, CellState::Draining, CellState::FailedOver, CellState::Disabled][usize::from(i % 4)]
+    [
+        CellState::Active,
+        CellState::Draining,
+        CellState::FailedOver,
+        CellState::Disabled,
+    ][usize::from(i % 4)]
 }
 
 proptest! {
@@ -194,12 +302,19 @@ fn invalid_tables_are_refused_with_a_path() {
         .slot_ranges("c0", vec![(0, 7), (9, 15)])
         .build(&h)
         .unwrap_err();
-    assert!(err.to_string().starts_with("slots: 1 slot(s) have no cell, the first is 8"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("slots: 1 slot(s) have no cell, the first is 8"),
+        "{err}"
+    );
     let err = TableBuilder::new(1, 16)
         .region("r1")
         .cell(spec("c0", "r1", CellState::Active, &[]))
         .override_key("k", "nope")
         .build(&h)
         .unwrap_err();
-    assert!(err.to_string().starts_with("overrides[0]: unknown cell"), "{err}");
+    assert!(
+        err.to_string().starts_with("overrides[0]: unknown cell"),
+        "{err}"
+    );
 }

@@ -20,7 +20,10 @@ pub fn run(listen: Option<String>, workers: Option<usize>) -> Result<(), Gateway
     let mut names = Vec::new();
     for cell in &config.cells {
         for inst in &cell.instances {
-            let listener = upstream::bind(&inst.addr).map_err(|source| GatewayError::Listen { addr: inst.addr.clone(), source })?;
+            let listener = upstream::bind(&inst.addr).map_err(|source| GatewayError::Listen {
+                addr: inst.addr.clone(),
+                source,
+            })?;
             let (c, n) = (cell.id.clone(), inst.name.clone());
             rt.spawn(async move {
                 if let Err(e) = upstream::serve(listener, c, n).await {

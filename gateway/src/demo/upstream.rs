@@ -52,10 +52,17 @@ struct State {
 
 /// Bind a listener for an upstream (address reuse on, so a refusal can reopen it).
 pub fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
-    let sa: SocketAddr = addr
-        .parse()
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr:?} is not ip:port")))?;
-    let socket = socket2::Socket::new(socket2::Domain::for_address(sa), socket2::Type::STREAM, None)?;
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr:?} is not ip:port"),
+        )
+    })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&sa.into())?;
@@ -64,10 +71,19 @@ pub fn bind(addr: &str) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// Serve as instance `name` of `cell` on `listener` until the task is dropped.
-pub async fn serve(listener: std::net::TcpListener, cell: String, name: String) -> std::io::Result<()> {
+pub async fn serve(
+    listener: std::net::TcpListener,
+    cell: String,
+    name: String,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     let (refuse, mut refuse_rx) = watch::channel(None);
-    let state = Arc::new(State { cell, name, faults: Mutex::new(Faults::default()), refuse });
+    let state = Arc::new(State {
+        cell,
+        name,
+        faults: Mutex::new(Faults::default()),
+        refuse,
+    });
     let mut listener = Some(tokio::net::TcpListener::from_std(listener)?);
     let (close_conns, _) = tokio::sync::broadcast::channel::<()>(1);
     loop {
@@ -119,17 +135,30 @@ pub async fn serve(listener: std::net::TcpListener, cell: String, name: String) 
 }
 
 fn json(status: StatusCode, v: &impl Serialize) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(serde_json::to_vec(v).unwrap_or_default())));
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(v).unwrap_or_default(),
+    )));
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, 1 << 20).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, &serde_json::json!({"error": "body over 1 MiB"}))),
+        Err(_) => {
+            return Ok(json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &serde_json::json!({"error": "body over 1 MiB"}),
+            ))
+        }
     };
     let faults = match state.faults.lock() {
         Ok(f) => f.clone(),
@@ -137,20 +166,38 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     };
     match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/fault") => {
-            let text = if body.is_empty() { &b"{}"[..] } else { &body[..] };
+            let text = if body.is_empty() {
+                &b"{}"[..]
+            } else {
+                &body[..]
+            };
             let new: Faults = match serde_json::from_slice(text) {
                 Ok(f) => f,
-                Err(e) => return Ok(json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": format!("fault body: {e}")}))),
+                Err(e) => {
+                    return Ok(json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": format!("fault body: {e}")}),
+                    ))
+                }
             };
             if new.error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
-                return Ok(json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "error_rate must be within 0-1"})));
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "error_rate must be within 0-1"}),
+                ));
             }
             if new.status.is_some_and(|s| StatusCode::from_u16(s).is_err()) {
-                return Ok(json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "status must be 100-999"})));
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::json!({"error": "status must be 100-999"}),
+                ));
             }
             if let Some(s) = new.refuse_for_s {
                 if !(0.0..=3600.0).contains(&s) {
-                    return Ok(json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": "refuse_for_s must be within 0-3600"})));
+                    return Ok(json(
+                        StatusCode::BAD_REQUEST,
+                        &serde_json::json!({"error": "refuse_for_s must be within 0-3600"}),
+                    ));
                 }
             }
             let refuse = new.refuse_for_s;
@@ -174,7 +221,10 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 }
             }
             let current = state.faults.lock().map(|f| f.clone()).unwrap_or_default();
-            let res = json(StatusCode::OK, &serde_json::json!({"instance": state.name, "faults": current, "refuse_for_s": refuse}));
+            let res = json(
+                StatusCode::OK,
+                &serde_json::json!({"instance": state.name, "faults": current, "refuse_for_s": refuse}),
+            );
             if let Some(s) = refuse.filter(|s| *s > 0.0) {
                 // Answer first, then close.
                 let state = Arc::clone(&state);
@@ -200,8 +250,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
             }
             if let Some(rate) = faults.error_rate {
                 if fastrand::f64() < rate {
-                    let status = faults.status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                    return Ok(json(status, &serde_json::json!({"error": "injected fault", "cell": state.cell, "instance": state.name})));
+                    let status = faults
+                        .status
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                    return Ok(json(
+                        status,
+                        &serde_json::json!({"error": "injected fault", "cell": state.cell, "instance": state.name}),
+                    ));
                 }
             }
             let mut headers = BTreeMap::new();

@@ -11,7 +11,9 @@ use cellgate_routing::Timeouts;
 /// The request's deadline budget, or a message saying which header is malformed.
 pub fn budget(headers: &HeaderMap, t: &Timeouts) -> Result<Duration, String> {
     let asked = if let Some(v) = headers.get(X_TIMEOUT) {
-        let s = v.to_str().map_err(|_| "X-Timeout is not ASCII".to_owned())?;
+        let s = v
+            .to_str()
+            .map_err(|_| "X-Timeout is not ASCII".to_owned())?;
         Some(
             cellgate_config::parse_duration(s)
                 .filter(|d| !d.is_zero())
@@ -70,7 +72,11 @@ mod tests {
     use super::*;
 
     fn t() -> Timeouts {
-        Timeouts { default: Duration::from_secs(15), max: Duration::from_secs(60), connect: Duration::from_secs(1) }
+        Timeouts {
+            default: Duration::from_secs(15),
+            max: Duration::from_secs(60),
+            connect: Duration::from_secs(1),
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! trailers-only gRPC status so their libraries report it properly. Messages name what an
 //! operator or client can act on and never leak internals (addresses, stack traces).
 
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Response, StatusCode};
 use thiserror::Error;
 
@@ -40,10 +40,10 @@ impl ProxyError {
 
     fn grpc_code(&self) -> &'static str {
         match self {
-            Self::BadRequest(_) => "3",        // INVALID_ARGUMENT
-            Self::NoHealthyCell(_) => "14",    // UNAVAILABLE
-            Self::UpstreamFailed(_) => "14",   // UNAVAILABLE
-            Self::Deadline(_) => "4",          // DEADLINE_EXCEEDED
+            Self::BadRequest(_) => "3",      // INVALID_ARGUMENT
+            Self::NoHealthyCell(_) => "14",  // UNAVAILABLE
+            Self::UpstreamFailed(_) => "14", // UNAVAILABLE
+            Self::Deadline(_) => "4",        // DEADLINE_EXCEEDED
         }
     }
 
@@ -66,7 +66,8 @@ impl ProxyError {
             });
             let mut r = Response::new(ProxyBody::full(body.to_string()));
             *r.status_mut() = self.status();
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         };
         res.headers_mut().insert(X_REQUEST_ID, request_id.clone());

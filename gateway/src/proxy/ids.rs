@@ -27,7 +27,8 @@ pub fn request_id(inbound: Option<&HeaderValue>) -> HeaderValue {
 }
 
 fn is_lower_hex(b: &[u8]) -> bool {
-    b.iter().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    b.iter()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
 /// The `traceparent` to send upstream: the inbound trace continued with a new parent id
@@ -60,7 +61,9 @@ pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {
         hex_into(&mut out[3..35], fastrand::u128(1..));
     }
     hex_into(&mut out[36..52], u128::from(fastrand::u64(1..)));
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| {
+        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    })
 }
 
 #[cfg(test)]
@@ -80,13 +83,18 @@ mod tests {
 
     #[test]
     fn traceparent_continued_or_started() {
-        let inbound = HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let inbound =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let out = traceparent(Some(&inbound));
         let s = out.to_str().expect("ascii");
         assert_eq!(&s[..36], "00-4bf92f3577b34da6a3ce929d0e0e4736-");
         assert_ne!(&s[36..52], "00f067aa0ba902b7");
         assert!(s.ends_with("-01"));
-        for bad in ["00-00000000000000000000000000000000-00f067aa0ba902b7-01", "garbage", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "garbage",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
             let out = traceparent(Some(&HeaderValue::from_static(bad)));
             let s = out.to_str().expect("ascii");
             assert_eq!(s.len(), 55);

@@ -51,7 +51,8 @@ impl ConnInfo {
         let ip = peer.ip().to_canonical().to_string();
         Self {
             peer,
-            peer_ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            peer_ip: HeaderValue::from_str(&ip)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             peer_ip_text: ip,
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
         }
@@ -80,15 +81,27 @@ struct WrrState {
 impl Worker {
     /// A worker over the shared state.
     pub fn new(shared: Arc<Shared>) -> Rc<Self> {
-        Rc::new(Self { shared, pool: Rc::default(), wrr: RefCell::default() })
+        Rc::new(Self {
+            shared,
+            pool: Rc::default(),
+            wrr: RefCell::default(),
+        })
     }
 
-    fn pick(&self, table: &RoutingTable, cell: u16, tag: Option<&str>, now: u64, tried: u64) -> Option<usize> {
+    fn pick(
+        &self,
+        table: &RoutingTable,
+        cell: u16,
+        tag: Option<&str>,
+        now: u64,
+        tried: u64,
+    ) -> Option<usize> {
         let mut st = self.wrr.borrow_mut();
         if st.version != table.version() || st.per_cell.len() != table.cells().len() {
             st.version = table.version();
             st.per_cell.clear();
-            st.per_cell.resize_with(table.cells().len(), SmoothWrr::default);
+            st.per_cell
+                .resize_with(table.cells().len(), SmoothWrr::default);
         }
         let wrr = st.per_cell.get_mut(usize::from(cell))?;
         table.pick_instance(cell, tag, wrr, now, tried)
@@ -105,7 +118,10 @@ pub struct Proxy {
 impl Proxy {
     /// A service for a connection from `conn` on `worker`.
     pub fn new(worker: Rc<Worker>, conn: ConnInfo) -> Self {
-        Self { worker, conn: Rc::new(conn) }
+        Self {
+            worker,
+            conn: Rc::new(conn),
+        }
     }
 }
 
@@ -132,13 +148,18 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 }
 
 /// Run every phase for one request; never fails (errors become responses).
-pub async fn handle(worker: &Worker, conn: &ConnInfo, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    worker: &Worker,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let table = worker.shared.table.load_full();
     let request_id = ids::request_id(req.headers().get(X_REQUEST_ID));
     let grpc = is_grpc(&req);
     let method = req.method().clone();
-    let path_for_log = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
+    let path_for_log =
+        tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
     let result = proxy(worker, conn, &table, req, &request_id, grpc, started).await;
     match result {
         Ok(res) => {
@@ -176,16 +197,26 @@ async fn proxy(
     let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
     let cell_idx = routed.cell();
     let Some(cell) = table.cell(cell_idx) else {
-        return Err((ProxyError::NoHealthyCell("decision named no cell".into()), None));
+        return Err((
+            ProxyError::NoHealthyCell("decision named no cell".into()),
+            None,
+        ));
     };
     let cell_hdr = || Some(cell.id_header.clone());
     // Phase: shape.
-    let budget = deadline::budget(req.headers(), table.timeouts()).map_err(|m| (ProxyError::BadRequest(m), None))?;
+    let budget = deadline::budget(req.headers(), table.timeouts())
+        .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
     let h2 = match (cell.protocol, grpc) {
         (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => true,
         (UpstreamProtocol::Http1, true) => {
-            return Err((ProxyError::UpstreamFailed(format!("cell {} speaks HTTP/1.1 only and cannot carry gRPC", cell.id)), cell_hdr()))
+            return Err((
+                ProxyError::UpstreamFailed(format!(
+                    "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
+                    cell.id
+                )),
+                cell_hdr(),
+            ))
         }
         _ => false,
     };
@@ -209,7 +240,9 @@ async fn proxy(
     let mut tried: u64 = 0;
     let mut last_err = String::from("no instance of the cell is available");
     for _attempt in 0..cell.instances.len().clamp(1, 4) {
-        let Some(i) = worker.pick(table, cell_idx, tag, now, tried) else { break };
+        let Some(i) = worker.pick(table, cell_idx, tag, now, tried) else {
+            break;
+        };
         tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
         let inst = &cell.instances[i];
         let rem = deadline.saturating_duration_since(Instant::now());
@@ -233,15 +266,27 @@ async fn proxy(
                 return Ok(res.map(ProxyBody::Stream));
             }
             Err(AttemptError::Connect(e, back)) => {
-                if inst.health.record_failure(cellgate_health::now_ms(), &worker.shared.ejection) {
+                if inst
+                    .health
+                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection)
+                {
                     tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, "instance ejected after consecutive connect failures");
                 }
-                last_err = format!("cannot connect to an instance of cell {}: {}", cell.id, e.kind());
+                last_err = format!(
+                    "cannot connect to an instance of cell {}: {}",
+                    cell.id,
+                    e.kind()
+                );
                 req = back;
             }
             Err(AttemptError::Upstream(e)) => {
-                inst.health.record_failure(cellgate_health::now_ms(), &worker.shared.ejection);
-                let msg = if e.is_timeout() { "upstream timed out".to_owned() } else { format!("upstream of cell {} failed: {}", cell.id, brief(&e)) };
+                inst.health
+                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection);
+                let msg = if e.is_timeout() {
+                    "upstream timed out".to_owned()
+                } else {
+                    format!("upstream of cell {} failed: {}", cell.id, brief(&e))
+                };
                 return Err((ProxyError::UpstreamFailed(msg), cell_hdr()));
             }
         }

@@ -25,12 +25,20 @@ impl Routed {
 }
 
 /// Route one request on `table`.
-pub fn route(table: &RoutingTable, conn: &ConnInfo, uri: &Uri, headers: &HeaderMap, now_ms: u64) -> Result<Routed, ProxyError> {
+pub fn route(
+    table: &RoutingTable,
+    conn: &ConnInfo,
+    uri: &Uri,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> Result<Routed, ProxyError> {
     let trusted = conn.trusted(table);
     let forced_cell = match headers.get(X_CELL_ID) {
         Some(v) if trusted => {
             let id = v.to_str().unwrap_or_default();
-            Some(table.cell_idx(id).ok_or_else(|| ProxyError::BadRequest(format!("X-Cell-ID names unknown cell {id:?}")))?)
+            Some(table.cell_idx(id).ok_or_else(|| {
+                ProxyError::BadRequest(format!("X-Cell-ID names unknown cell {id:?}"))
+            })?)
         }
         _ => None,
     };
@@ -65,4 +73,3 @@ pub fn route(table: &RoutingTable, conn: &ConnInfo, uri: &Uri, headers: &HeaderM
 pub fn tag_str(gray: &Option<HeaderValue>) -> Option<&str> {
     gray.as_ref().and_then(|v| v.to_str().ok())
 }
-

@@ -23,6 +23,7 @@ const MAX_IDLE_PER_ADDR: usize = 512;
 
 /// Why one attempt failed.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
 pub enum AttemptError {
     /// The connection could not be made; the request is handed back untouched.
     Connect(std::io::Error, Request<Incoming>),
@@ -39,7 +40,10 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("h1_addrs", &self.h1.len()).field("h2_addrs", &self.h2.len()).finish()
+        f.debug_struct("Pool")
+            .field("h1_addrs", &self.h1.len())
+            .field("h2_addrs", &self.h2.len())
+            .finish()
     }
 }
 
@@ -60,7 +64,12 @@ pub async fn send(
     connect_timeout: Duration,
 ) -> Result<Response<Incoming>, AttemptError> {
     if h2 {
-        let existing = pool.borrow().h2.get(&addr).filter(|s| !s.is_closed()).cloned();
+        let existing = pool
+            .borrow()
+            .h2
+            .get(&addr)
+            .filter(|s| !s.is_closed())
+            .cloned();
         let mut sender = match existing {
             Some(s) => s,
             None => {
@@ -88,7 +97,10 @@ pub async fn send(
             Err(mut e) => match e.take_message() {
                 Some(r) => {
                     pool.borrow_mut().h2.remove(&addr);
-                    Err(AttemptError::Connect(std::io::Error::other("pooled h2 connection closed"), r))
+                    Err(AttemptError::Connect(
+                        std::io::Error::other("pooled h2 connection closed"),
+                        r,
+                    ))
                 }
                 None => Err(AttemptError::Upstream(e.into_error())),
             },
@@ -130,7 +142,10 @@ pub async fn send(
             Ok(res)
         }
         Err(mut e) => match e.take_message() {
-            Some(r) => Err(AttemptError::Connect(std::io::Error::other("new connection closed"), r)),
+            Some(r) => Err(AttemptError::Connect(
+                std::io::Error::other("new connection closed"),
+                r,
+            )),
             None => Err(AttemptError::Upstream(e.into_error())),
         },
     }

@@ -46,7 +46,8 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     headers.insert(TRACEPARENT, traceparent);
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
-            HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text)).unwrap_or_else(|_| s.conn.peer_ip.clone())
+            HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text))
+                .unwrap_or_else(|_| s.conn.peer_ip.clone())
         }
         _ => s.conn.peer_ip.clone(),
     };
@@ -73,7 +74,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     for h in &HOP_BY_HOP {
         headers.remove(h);
     }
-    let te_trailers = keep_te_trailers && headers.get(TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let te_trailers = keep_te_trailers
+        && headers
+            .get(TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     headers.remove(TE);
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
@@ -86,9 +90,17 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
     let authority: Option<Authority> = uri
         .authority()
         .cloned()
-        .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()))
+        .or_else(|| {
+            headers
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse().ok())
+        })
         .or_else(|| fallback_authority.parse().ok());
-    let pq = uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     if h2 {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
@@ -123,14 +135,21 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_named() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, true);
-        assert!(h.get("connection").is_none() && h.get("keep-alive").is_none() && h.get("x-secret").is_none());
+        assert!(
+            h.get("connection").is_none()
+                && h.get("keep-alive").is_none()
+                && h.get("x-secret").is_none()
+        );
         assert!(h.get("upgrade").is_none());
         assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-keep").is_some());

@@ -79,7 +79,15 @@ pub struct Gateway {
 impl Gateway {
     /// `cellgate run --config <path> --listen 127.0.0.1:0`, waiting until it listens.
     pub fn start(config: &Path) -> Gateway {
-        Self::start_args(&["run", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0", "--workers", "2"])
+        Self::start_args(&[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ])
     }
 
     pub fn start_args(args: &[&str]) -> Gateway {
@@ -100,7 +108,10 @@ impl Gateway {
                 let Ok(line) = line else { break };
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == "listening" {
-                        let _ = tx.send((v["listener"].as_str().unwrap_or("").to_owned(), v["addr"].as_str().unwrap_or("").to_owned()));
+                        let _ = tx.send((
+                            v["listener"].as_str().unwrap_or("").to_owned(),
+                            v["addr"].as_str().unwrap_or("").to_owned(),
+                        ));
                     }
                 }
                 logs2.lock().unwrap().push(line);
@@ -122,7 +133,10 @@ impl Gateway {
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("cellgate did not start listening; logs: {:?}", logs.lock().unwrap());
+                    panic!(
+                        "cellgate did not start listening; logs: {:?}",
+                        logs.lock().unwrap()
+                    );
                 }
             }
         }
@@ -132,7 +146,12 @@ impl Gateway {
                 tls_addr = a.parse().ok();
             }
         }
-        Gateway { child, addr: addr.unwrap(), tls_addr, logs }
+        Gateway {
+            child,
+            addr: addr.unwrap(),
+            tls_addr,
+            logs,
+        }
     }
 
     pub fn logs_contain(&self, needle: &str) -> bool {
@@ -140,7 +159,12 @@ impl Gateway {
     }
 
     pub fn count_logs(&self, needle: &str) -> usize {
-        self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// Wait (bounded) until a log line contains `needle`.
@@ -178,7 +202,8 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -195,21 +220,34 @@ pub struct H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>);
 impl H1 {
     pub async fn connect(addr: SocketAddr) -> H1 {
         let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         H1(tx)
     }
 
-    pub async fn try_get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Resp, hyper::Error> {
+    pub async fn try_get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Resp, hyper::Error> {
         let mut b = Request::get(path).header("host", "gateway.test");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
         self.0.ready().await?;
-        let res = self.0.send_request(b.body(Full::new(Bytes::new())).unwrap()).await?;
+        let res = self
+            .0
+            .send_request(b.body(Full::new(Bytes::new())).unwrap())
+            .await?;
         let (parts, body) = res.into_parts();
         let body = body.collect().await?.to_bytes();
-        Ok(Resp { status: parts.status, headers: parts.headers, body })
+        Ok(Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Resp {
@@ -225,9 +263,14 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp
 /// POST JSON to a demo upstream's `/fault`.
 pub async fn fault(addr: SocketAddr, body: &str) {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = Request::post("/fault").header("host", "upstream").body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let req = Request::post("/fault")
+        .header("host", "upstream")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
     let res = tx.send_request(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK, "fault {body}");
 }
@@ -241,13 +284,21 @@ pub struct CellDef<'a> {
     pub instances: Vec<(String, SocketAddr)>,
 }
 
-pub fn cell<'a>(id: &'a str, region: &'a str, failover: &'a [&'a str], instances: &[(&str, SocketAddr)]) -> CellDef<'a> {
+pub fn cell<'a>(
+    id: &'a str,
+    region: &'a str,
+    failover: &'a [&'a str],
+    instances: &[(&str, SocketAddr)],
+) -> CellDef<'a> {
     CellDef {
         id,
         region,
         state: "active",
         failover,
-        instances: instances.iter().map(|(n, a)| ((*n).to_owned(), *a)).collect(),
+        instances: instances
+            .iter()
+            .map(|(n, a)| ((*n).to_owned(), *a))
+            .collect(),
     }
 }
 
@@ -276,7 +327,8 @@ pub fn config_yaml(cells: &[CellDef<'_>], extra: &str) -> String {
 /// The table a configuration text builds, to compute expected decisions.
 pub fn table_of(yaml: &str) -> cellgate_routing::RoutingTable {
     let cfg = cellgate_config::Config::from_yaml(yaml).unwrap();
-    cfg.build_table(1, &cellgate_health::HealthRegistry::new()).unwrap()
+    cfg.build_table(1, &cellgate_health::HealthRegistry::new())
+        .unwrap()
 }
 
 pub fn expected_cell(table: &cellgate_routing::RoutingTable, key: &str) -> String {
