@@ -38,6 +38,12 @@ pub struct Config {
     /// Gray rules.
     #[serde(default)]
     pub gray: Vec<GrayCfg>,
+    /// Request and connection limits (safe defaults; see [`Limits`]).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Graceful shutdown and binary upgrade.
+    #[serde(default)]
+    pub shutdown: ShutdownCfg,
 }
 
 /// Listeners.
@@ -92,6 +98,9 @@ pub struct Admin {
     /// Bearer token; `CELLGATE_ADMIN_TOKEN` overrides it.
     #[serde(default)]
     pub token: Option<String>,
+    /// TLS for the admin API, with client certificates required (mTLS); off unless given.
+    #[serde(default)]
+    pub tls: Option<AdminTlsCfg>,
 }
 
 impl Default for Admin {
@@ -99,8 +108,22 @@ impl Default for Admin {
         Self {
             listen: default_admin(),
             token: None,
+            tls: None,
         }
     }
+}
+
+/// Admin API TLS: the server's certificate and the CA that client certificates must chain
+/// to (every admin client must present one).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTlsCfg {
+    /// PEM certificate chain file.
+    pub cert: String,
+    /// PEM private key file.
+    pub key: String,
+    /// PEM file of the CA certificate(s) that sign admin client certificates.
+    pub client_ca: String,
 }
 
 fn default_admin() -> String {
@@ -274,6 +297,27 @@ pub struct CellCfg {
     pub protocol: cellgate_routing::UpstreamProtocol,
     /// Instances.
     pub instances: Vec<InstanceCfg>,
+    /// TLS to this cell's instances; plaintext unless given.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsCfg>,
+}
+
+/// TLS from the gateway to a cell's instances (TLS 1.2/1.3, ALPN `h2` for gRPC and h2c
+/// cells, `http/1.1` otherwise).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsCfg {
+    /// PEM file of the CA certificate(s) that instance certificates must chain to. Required
+    /// unless `insecure_skip_verify` is set.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Name checked against the instance certificates (SNI); default: the host of each
+    /// instance's `addr`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Accept any certificate (testing only; logged as a warning at load).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 fn default_weight() -> u32 {
@@ -343,4 +387,85 @@ pub struct HeaderMatch {
     pub name: String,
     /// Exact value.
     pub value: String,
+}
+
+/// Request and connection limits. Every field has a safe default; what a client sees past
+/// each limit is documented on the field.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Bytes of request line plus headers (default 32768). HTTP/1: past it hyper answers
+    /// `431` and closes the connection. HTTP/2: the `SETTINGS_MAX_HEADER_LIST_SIZE` the
+    /// gateway announces; a larger header block is refused by the HTTP/2 codec.
+    pub max_header_bytes: usize,
+    /// Number of request headers (default 100). HTTP/1: past it hyper answers `431` and
+    /// closes the connection; HTTP/2: JSON `431`.
+    pub max_headers: usize,
+    /// Bytes of the request target (path and query; default 8192). Past it: JSON `414`.
+    pub max_uri_bytes: usize,
+    /// Bytes of request body (default 10485760 = 10 MiB; 0 = no limit). A larger
+    /// `Content-Length` is answered with JSON `413` before any upstream is contacted; a
+    /// streamed body is counted as it flows and the upstream request is aborted at the
+    /// limit, answered `413` when no response has started.
+    pub max_body_bytes: u64,
+    /// Time a client has to send a complete request head, from its first byte (or from the
+    /// connection's start for the first request; default `10s`). Past it the connection is
+    /// closed without an answer (slow-loris defence). Also bounds the TLS handshake.
+    pub header_read_timeout: String,
+    /// A connection with no request in flight and nothing received for this long is closed
+    /// (HTTP/2: with GOAWAY; default `60s`).
+    pub idle_timeout: String,
+    /// Client connections this gateway process holds at once (default 10000). Past it a
+    /// new plaintext connection gets a `503` JSON answer and is closed; a new TLS
+    /// connection is closed.
+    pub max_connections: usize,
+    /// HTTP/2 streams a client may have open at once on one connection (default 256).
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 initial stream flow-control window in bytes (default 1048576).
+    pub h2_stream_window: u32,
+    /// HTTP/2 initial connection flow-control window in bytes (default 2097152).
+    pub h2_connection_window: u32,
+    /// Streams a client may open and reset before the gateway has accepted them; past it
+    /// the connection is closed with GOAWAY `ENHANCE_YOUR_CALM` (HTTP/2 rapid-reset
+    /// defence; default 20).
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams the gateway may reset because of client protocol errors before it closes the
+    /// connection with GOAWAY (default 1024).
+    pub h2_max_local_error_reset_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            header_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            max_connections: 10_000,
+            h2_max_concurrent_streams: 256,
+            h2_stream_window: 1024 * 1024,
+            h2_connection_window: 2 * 1024 * 1024,
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
+        }
+    }
+}
+
+/// Graceful shutdown (SIGTERM) and binary upgrade (SIGUSR2).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownCfg {
+    /// How long in-flight requests may take to finish after SIGTERM (or after a new
+    /// process took over the listeners) before the process exits anyway (default `30s`).
+    pub grace: String,
+}
+
+impl Default for ShutdownCfg {
+    fn default() -> Self {
+        Self {
+            grace: "30s".into(),
+        }
+    }
 }

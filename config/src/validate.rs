@@ -136,6 +136,27 @@ impl Config {
         if self.admin.token.as_deref() == Some("") {
             is.push("admin.token", "empty token; omit it or set a value");
         }
+        if let Some(t) = &self.admin.tls {
+            for (p, f) in [
+                ("admin.tls.cert", &t.cert),
+                ("admin.tls.key", &t.key),
+                ("admin.tls.client_ca", &t.client_ca),
+            ] {
+                if !std::path::Path::new(f).is_file() {
+                    is.push(p, format!("file {f:?} does not exist"));
+                }
+            }
+        }
+        self.limits.check(&mut is);
+        if parse_duration(&self.shutdown.grace).is_none() {
+            is.push(
+                "shutdown.grace",
+                format!(
+                    "{:?} is not a duration such as 30s or 500ms",
+                    self.shutdown.grace
+                ),
+            );
+        }
         if self.workers > 1024 {
             is.push(
                 "workers",
@@ -313,6 +334,27 @@ impl Config {
                     format!("{p}.weight"),
                     format!("{} is more than 1000000", c.weight),
                 );
+            }
+            if let Some(t) = &c.tls {
+                match (&t.ca_file, t.insecure_skip_verify) {
+                    (Some(f), _) if !std::path::Path::new(f).is_file() => is.push(
+                        format!("{p}.tls.ca_file"),
+                        format!("file {f:?} does not exist"),
+                    ),
+                    (None, false) => is.push(
+                        format!("{p}.tls"),
+                        "give ca_file (or insecure_skip_verify: true, for testing only)",
+                    ),
+                    _ => {}
+                }
+                if let Some(n) = &t.server_name {
+                    if n.is_empty() || n.len() > 253 || !n.bytes().all(|b| b.is_ascii_graphic()) {
+                        is.push(
+                            format!("{p}.tls.server_name"),
+                            format!("{n:?} is not a DNS name or IP address"),
+                        );
+                    }
+                }
             }
         }
 
@@ -509,6 +551,106 @@ impl Config {
         b.build(health).map_err(|e| match e {
             cellgate_routing::TableError::Invalid { path, message } => invalid(path, message),
         })
+    }
+}
+
+impl Limits {
+    /// Add every out-of-range limit to `is`.
+    fn check(&self, is: &mut Issues) {
+        let range = |is: &mut Issues, path: &str, v: u64, lo: u64, hi: u64| {
+            if !(lo..=hi).contains(&v) {
+                is.push(
+                    format!("limits.{path}"),
+                    format!("{v} is outside {lo}-{hi}"),
+                );
+            }
+        };
+        range(
+            is,
+            "max_header_bytes",
+            self.max_header_bytes as u64,
+            1024,
+            262_144,
+        );
+        range(is, "max_headers", self.max_headers as u64, 1, 1000);
+        range(is, "max_uri_bytes", self.max_uri_bytes as u64, 64, 65_534);
+        range(
+            is,
+            "max_connections",
+            self.max_connections as u64,
+            1,
+            1_000_000,
+        );
+        range(
+            is,
+            "h2_max_concurrent_streams",
+            u64::from(self.h2_max_concurrent_streams),
+            1,
+            10_000,
+        );
+        // RFC 9113 §6.9.2: windows are at least the initial 65535 and at most 2^31-1.
+        let max_window = (1u64 << 31) - 1;
+        range(
+            is,
+            "h2_stream_window",
+            u64::from(self.h2_stream_window),
+            65_535,
+            max_window,
+        );
+        range(
+            is,
+            "h2_connection_window",
+            u64::from(self.h2_connection_window),
+            65_535,
+            max_window,
+        );
+        range(
+            is,
+            "h2_max_pending_accept_reset_streams",
+            self.h2_max_pending_accept_reset_streams as u64,
+            1,
+            10_000,
+        );
+        range(
+            is,
+            "h2_max_local_error_reset_streams",
+            self.h2_max_local_error_reset_streams as u64,
+            1,
+            100_000,
+        );
+        for (path, v) in [
+            ("header_read_timeout", &self.header_read_timeout),
+            ("idle_timeout", &self.idle_timeout),
+        ] {
+            match parse_duration(v) {
+                Some(d) if !d.is_zero() && d <= Duration::from_secs(24 * 3600) => {}
+                _ => is.push(
+                    format!("limits.{path}"),
+                    format!("{v:?} is not a positive duration up to 24h, such as 10s"),
+                ),
+            }
+        }
+    }
+
+    /// [`Limits::header_read_timeout`] as a duration (the configuration must be valid).
+    pub fn header_read_duration(&self) -> Duration {
+        parse_duration(&self.header_read_timeout)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// [`Limits::idle_timeout`] as a duration (the configuration must be valid).
+    pub fn idle_duration(&self) -> Duration {
+        parse_duration(&self.idle_timeout)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(60))
+    }
+}
+
+impl ShutdownCfg {
+    /// [`ShutdownCfg::grace`] as a duration (the configuration must be valid).
+    pub fn grace_duration(&self) -> Duration {
+        parse_duration(&self.grace).unwrap_or(Duration::from_secs(30))
     }
 }
 

@@ -6,8 +6,12 @@
 //! of [`proxy`]; each phase reads the one routing-table snapshot loaded at the start:
 //!
 //! ```text
-//!  client ──▶ server (accept, TLS/ALPN, HTTP/1.1 | h2c | h2)
+//!  client ──▶ server (accept, connection limit, TLS/ALPN)
 //!               │
+//!            conn          HTTP/1.1 | h2c | h2, codec limits, header-read / idle timers, drain
+//!               │
+//!   [guard]    guard         URI / header / Content-Length / Transfer-Encoding checks, body
+//!               │                  counted against the limit as it flows
 //!               ▼
 //!   [key]      proxy::route   take + validate the routing key (header, cookie, query,
 //!               │                  path, JWT); strip an untrusted X-Cell-ID
@@ -28,10 +32,13 @@
 //! single-threaded runtime with its own upstream connection pool, so the request path
 //! takes no lock.
 
+pub mod conn;
 pub mod demo;
+pub mod guard;
 pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 
 pub use server::{Gateway, RunOptions};

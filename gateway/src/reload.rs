@@ -32,14 +32,19 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
     let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
     let built = tokio::task::spawn_blocking(move || {
-        let cfg = cellgate_config::load_file(&path2)?;
+        let cfg = cellgate_config::load_file(&path2).map_err(|e| e.to_string())?;
         let next = shared2.table.load().version() + 1;
-        cfg.build_table(next, &shared2.health)
+        let table = cfg
+            .build_table(next, &shared2.health)
+            .map_err(|e| e.to_string())?;
+        let tls = crate::tls::UpstreamTlsMap::from_config(&cfg).map_err(|e| e.to_string())?;
+        Ok::<_, String>((table, tls))
     })
     .await;
     match built {
-        Ok(Ok(table)) => {
+        Ok(Ok((table, tls))) => {
             let v = table.version();
+            shared.upstream_tls.store(Arc::new(tls));
             shared.table.store(Arc::new(table));
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)

@@ -1,11 +1,15 @@
 //! The gateway process: shared state, listeners, one single-threaded runtime per worker
 //! thread (each accepting on the shared listening sockets and owning its own upstream
-//! pool), configuration reload, and signals.
+//! pool), the connection limit, configuration and certificate reload, and signals:
+//! SIGHUP reloads, SIGTERM drains (stop accepting, let in-flight requests finish within
+//! `shutdown.grace`, exit), SIGINT exits at once, SIGUSR2 starts a new binary on the same
+//! listening sockets ([`crate::upgrade`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,13 +17,16 @@ use arc_swap::ArcSwap;
 use cellgate_config::Config;
 use cellgate_health::{EjectionPolicy, HealthRegistry};
 use cellgate_routing::RoutingTable;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
+use crate::conn::{Alpn, ConnSettings};
+use crate::guard::Guard;
+use crate::proxy::error::ProxyError;
 use crate::proxy::{ConnInfo, Proxy, Worker};
+use crate::tls::{CertReload, CertReloader, UpstreamTlsMap};
 
 /// Runs futures on the current thread's `LocalSet` (hyper's executor for a worker).
 #[derive(Clone, Copy, Debug, Default)]
@@ -43,6 +50,8 @@ pub struct Shared {
     pub health: HealthRegistry,
     /// Passive ejection settings.
     pub ejection: EjectionPolicy,
+    /// Upstream TLS of the cells that have it; rebuilt with the table.
+    pub upstream_tls: ArcSwap<UpstreamTlsMap>,
 }
 
 /// Why the gateway could not start.
@@ -98,6 +107,78 @@ impl RunOptions {
     }
 }
 
+/// Client connections of the whole process, and the drain signal.
+#[derive(Debug)]
+pub struct Lifecycle {
+    conns: AtomicUsize,
+    max: usize,
+    drain: watch::Sender<bool>,
+    idle: Notify,
+}
+
+impl Lifecycle {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            conns: AtomicUsize::new(0),
+            max,
+            drain: watch::Sender::new(false),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Count a new connection, unless the process is at `limits.max_connections`.
+    fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+        let prev = self.conns.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max {
+            self.release();
+            return None;
+        }
+        Some(ConnPermit(Arc::clone(self)))
+    }
+
+    fn release(&self) {
+        if self.conns.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::Acquire)
+    }
+
+    /// Stop accepting and close connections as their requests finish.
+    pub fn start_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Wait until no client connection is open, at most `grace`; `true` when none is.
+    pub async fn wait_idle(&self, grace: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.connections() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(grace, wait).await.is_ok()
+    }
+}
+
+/// One counted client connection.
+#[derive(Debug)]
+struct ConnPermit(Arc<Lifecycle>);
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// A started gateway: listeners bound, workers running.
 #[derive(Debug)]
 pub struct Gateway {
@@ -107,7 +188,13 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     /// Bound TLS address, if any.
     pub tls_addr: Option<SocketAddr>,
+    /// Connections and drain.
+    pub lifecycle: Arc<Lifecycle>,
     opts: RunOptions,
+    /// The listening sockets, for a binary upgrade.
+    listeners: Vec<(&'static str, std::net::TcpListener)>,
+    certs: Option<Arc<CertReloader>>,
+    exe: Option<PathBuf>,
 }
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
@@ -134,30 +221,61 @@ fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
     Ok(socket.into())
 }
 
+/// A listener handed over by a previous process, or a new one.
+fn listener(
+    inherited: &mut crate::upgrade::Inherited,
+    name: &str,
+    addr: &str,
+) -> Result<std::net::TcpListener, GatewayError> {
+    match inherited.take(name) {
+        Some(l) => {
+            tracing::info!(listener = name, addr = ?l.local_addr().ok(), "using the listening socket handed over by the previous process");
+            Ok(l)
+        }
+        None => bind(addr),
+    }
+}
+
 impl Gateway {
-    /// Build the first table, bind the listeners and start the workers.
+    /// Build the first table, bind (or inherit) the listeners and start the workers.
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
         let health = HealthRegistry::new();
         let table = opts.config.build_table(1, &health)?;
+        let upstream_tls = UpstreamTlsMap::from_config(&opts.config)?;
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
             health,
             ejection: EjectionPolicy::default(),
+            upstream_tls: ArcSwap::from_pointee(upstream_tls),
         });
+        let settings = ConnSettings::new(&opts.config.limits);
+        let lifecycle = Lifecycle::new(opts.config.limits.max_connections);
+        let mut inherited = crate::upgrade::Inherited::from_env();
 
         let http_listen = opts
             .listen
             .clone()
             .unwrap_or_else(|| opts.config.listen.http.clone());
-        let http = bind(&http_listen)?;
+        let http = listener(&mut inherited, "proxy", &http_listen)?;
         let http_addr = http.local_addr().map_err(GatewayError::Runtime)?;
+        let mut listeners = vec![("proxy", http.try_clone().map_err(GatewayError::Runtime)?)];
+        let mut certs = None;
         let tls = match &opts.config.listen.tls {
             Some(t) => {
-                let acceptor = TlsAcceptor::from(crate::tls::server_config(&t.cert, &t.key)?);
-                Some((bind(&t.listen)?, acceptor))
+                let (cfg, reloader) = crate::tls::reloading_server_config(&t.cert, &t.key)?;
+                certs = Some(reloader);
+                let l = listener(&mut inherited, "tls", &t.listen)?;
+                listeners.push(("tls", l.try_clone().map_err(GatewayError::Runtime)?));
+                Some((l, TlsAcceptor::from(cfg)))
             }
             None => None,
         };
+        for name in inherited.leftover() {
+            tracing::warn!(
+                listener = name,
+                "inherited listening socket not used by this configuration; closing it"
+            );
+        }
         let tls_addr = match &tls {
             Some((l, _)) => Some(l.local_addr().map_err(GatewayError::Runtime)?),
             None => None,
@@ -169,7 +287,11 @@ impl Gateway {
             .or(Some(opts.config.workers).filter(|&w| w > 0))
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         for n in 0..workers {
-            let shared = Arc::clone(&shared);
+            let ctx = WorkerCtx {
+                shared: Arc::clone(&shared),
+                settings: settings.clone(),
+                lifecycle: Arc::clone(&lifecycle),
+            };
             let http = http.try_clone().map_err(GatewayError::Runtime)?;
             let tls = match &tls {
                 Some((l, a)) => Some((l.try_clone().map_err(GatewayError::Runtime)?, a.clone())),
@@ -183,24 +305,30 @@ impl Gateway {
                 .name(format!("cellgate-worker-{n}"))
                 .spawn(move || {
                     let local = tokio::task::LocalSet::new();
-                    local.block_on(&rt, worker_main(shared, http, tls));
+                    local.block_on(&rt, worker_main(ctx, http, tls));
                 })
                 .map_err(GatewayError::Runtime)?;
         }
-        tracing::info!(listener = "proxy", addr = %http_addr, workers, "listening");
+        let pid = std::process::id();
+        tracing::info!(listener = "proxy", addr = %http_addr, workers, pid, "listening");
         if let Some(a) = tls_addr {
-            tracing::info!(listener = "tls", addr = %a, "listening");
+            tracing::info!(listener = "tls", addr = %a, pid, "listening");
         }
         Ok(Self {
             shared,
             http_addr,
             tls_addr,
+            lifecycle,
             opts,
+            listeners,
+            certs,
+            exe: std::env::current_exe().ok(),
         })
     }
 
-    /// Serve until SIGTERM or SIGINT, hot-applying configuration-file changes (file watch
-    /// and SIGHUP).
+    /// Serve until a signal: SIGTERM drains and returns, SIGINT returns at once, SIGUSR2
+    /// starts the new binary on the same sockets, SIGHUP (and file changes) reload the
+    /// configuration; certificate files are watched too.
     pub fn run_until_signal(self) -> Result<(), GatewayError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -210,6 +338,7 @@ impl Gateway {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Runtime)?;
             let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
+            let mut usr2 = signal(SignalKind::user_defined2()).map_err(GatewayError::Runtime)?;
             let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
             if let Some(path) = self.opts.config_path.clone() {
                 tokio::spawn(crate::reload::watch_file(
@@ -219,38 +348,156 @@ impl Gateway {
                     hup,
                 ));
             }
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            if let Some(certs) = self.certs.clone() {
+                tokio::spawn(watch_certs(certs, self.opts.watch_interval));
+            }
+            crate::upgrade::signal_predecessor();
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => {
+                        tracing::info!("SIGINT: stopping now");
+                        return Ok(());
+                    }
+                    _ = usr2.recv() => self.upgrade(),
+                }
+            }
+            let grace = self.opts.config.shutdown.grace_duration();
+            tracing::info!(
+                connections = self.lifecycle.connections(),
+                grace_ms = grace.as_millis() as u64,
+                "SIGTERM: draining; no new connections, in-flight requests finish"
+            );
+            self.lifecycle.start_drain();
+            if self.lifecycle.wait_idle(grace).await {
+                tracing::info!("drained; exiting");
+            } else {
+                tracing::warn!(
+                    connections = self.lifecycle.connections(),
+                    "grace period over with connections still open; exiting"
+                );
             }
             Ok(())
         })
     }
+
+    /// Start the binary this process was started from, handing it the listeners.
+    fn upgrade(&self) {
+        let Some(exe) = &self.exe else {
+            tracing::error!("SIGUSR2: cannot tell this binary's path; no upgrade");
+            return;
+        };
+        let ls: Vec<(&str, &std::net::TcpListener)> =
+            self.listeners.iter().map(|(n, l)| (*n, l)).collect();
+        match crate::upgrade::spawn_successor(exe, &ls) {
+            Ok(mut child) => {
+                let pid = child.id();
+                tracing::info!(new_pid = pid, binary = %exe.display(), "SIGUSR2: started the new binary on the same sockets; draining once it serves");
+                std::thread::spawn(move || match child.wait() {
+                    Ok(st) => {
+                        tracing::warn!(new_pid = pid, status = %st, "the new process exited; if it never served, this process keeps serving")
+                    }
+                    Err(e) => {
+                        tracing::warn!(new_pid = pid, error = %e, "cannot wait for the new process")
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(binary = %exe.display(), error = %e, "SIGUSR2: cannot start the new binary; this process keeps serving")
+            }
+        }
+    }
+}
+
+/// Look at the certificate files at `interval`; a changed, valid pair serves new
+/// connections, a bad one is refused and the old one kept.
+async fn watch_certs(certs: Arc<CertReloader>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let c = Arc::clone(&certs);
+        let Ok(r) = tokio::task::spawn_blocking(move || c.reload()).await else {
+            continue;
+        };
+        let (cert, key) = certs.paths();
+        match r {
+            CertReload::Unchanged => {}
+            CertReload::Applied => {
+                last_error = None;
+                tracing::info!(
+                    cert,
+                    key,
+                    "TLS certificate reloaded; new connections get it"
+                );
+            }
+            CertReload::Rejected(e) => {
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(cert, key, error = %e, "TLS certificate rejected; the previous certificate keeps serving");
+                    last_error = Some(e);
+                }
+            }
+        }
+    }
+}
+
+struct WorkerCtx {
+    shared: Arc<Shared>,
+    settings: ConnSettings,
+    lifecycle: Arc<Lifecycle>,
 }
 
 async fn worker_main(
-    shared: Arc<Shared>,
+    ctx: WorkerCtx,
     http: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, TlsAcceptor)>,
 ) {
-    let worker = Worker::new(shared);
+    let worker = Worker::new(Arc::clone(&ctx.shared));
+    let ctx = Rc::new(ctx);
     if let Some((l, acceptor)) = tls {
         match TcpListener::from_std(l) {
             Ok(l) => {
-                tokio::task::spawn_local(accept_loop(Rc::clone(&worker), l, Some(acceptor)));
+                tokio::task::spawn_local(accept_loop(
+                    Rc::clone(&worker),
+                    Rc::clone(&ctx),
+                    l,
+                    Some(acceptor),
+                ));
             }
             Err(e) => tracing::error!(error = %e, "cannot register TLS listener"),
         }
     }
     match TcpListener::from_std(http) {
-        Ok(l) => accept_loop(worker, l, None).await,
+        Ok(l) => accept_loop(worker, ctx, l, None).await,
         Err(e) => tracing::error!(error = %e, "cannot register proxy listener"),
     }
+    // Draining: connection tasks of this worker run until they finish; the main thread
+    // decides when the process exits.
+    std::future::pending::<()>().await;
 }
 
-async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsAcceptor>) {
+async fn accept_loop(
+    worker: Rc<Worker>,
+    ctx: Rc<WorkerCtx>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+) {
+    let mut drain = ctx.lifecycle.drain.subscribe();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        if *drain.borrow_and_update() {
+            break;
+        }
+        let accepted = tokio::select! {
+            r = drain.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                continue;
+            }
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -259,28 +506,38 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
                 continue;
             }
         };
+        let now = tokio::time::Instant::now();
+        let Some(permit) = ctx.lifecycle.try_acquire() else {
+            tokio::task::spawn_local(refuse(stream, tls.is_some(), ctx.lifecycle.max));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let worker = Rc::clone(&worker);
+        let ctx = Rc::clone(&ctx);
         let tls = tls.clone();
+        let drain = drain.clone();
         tokio::task::spawn_local(async move {
+            let _permit = permit;
+            let settings = &ctx.settings;
+            let make = |is_tls: bool| {
+                let proxy = Proxy::new(worker, ConnInfo::new(peer, is_tls));
+                let limits = settings.request;
+                move |act, h1| Guard::new(proxy, limits, act, h1)
+            };
             match tls {
                 None => {
-                    serve(
-                        TokioIo::new(stream),
-                        Proxy::new(worker, ConnInfo::new(peer, false)),
-                    )
-                    .await
+                    crate::conn::serve(stream, Alpn::None, now, make(false), settings, drain).await
                 }
                 Some(acceptor) => {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                        .await
-                    {
+                    let left = settings.header_read;
+                    match tokio::time::timeout(left, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
-                            serve(
-                                TokioIo::new(s),
-                                Proxy::new(worker, ConnInfo::new(peer, true)),
-                            )
-                            .await
+                            let alpn = match s.get_ref().1.alpn_protocol() {
+                                Some(b"h2") => Alpn::H2,
+                                Some(b"http/1.1") => Alpn::Http1,
+                                _ => Alpn::None,
+                            };
+                            crate::conn::serve(s, alpn, now, make(true), settings, drain).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
@@ -293,26 +550,39 @@ async fn accept_loop(worker: Rc<Worker>, listener: TcpListener, tls: Option<TlsA
     }
 }
 
-async fn serve<I>(io: I, proxy: Proxy)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-{
-    let mut builder = auto::Builder::new(LocalExec);
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        .max_pending_accept_reset_streams(64)
-        .keep_alive_interval(None);
-    if let Err(e) = builder
-        .serve_connection(io, TowerToHyperService::new(proxy))
-        .await
-    {
-        tracing::debug!(error = %e, "client connection ended with an error");
+/// Past `limits.max_connections`: a plaintext client gets a `503` JSON answer, then the
+/// connection closes; a TLS client's connection is closed.
+async fn refuse(mut stream: TcpStream, tls: bool, max: usize) {
+    tracing::debug!(max, "connection refused: at the connection limit");
+    if tls {
+        return;
     }
+    let rid = crate::proxy::ids::request_id(None);
+    let e = ProxyError::Overloaded(format!(
+        "the gateway is at its limit of {max} connections; retry later"
+    ));
+    let body = serde_json::json!({
+        "error": e.to_string(),
+        "request_id": rid.to_str().unwrap_or_default(),
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len(),
+        rid.to_str().unwrap_or_default(),
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, so closing does not reset the answer away.
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), write).await;
 }

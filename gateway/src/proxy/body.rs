@@ -60,3 +60,94 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// A client's request body on its way upstream, counted as it flows against the body limit
+/// (`limits.max_body_bytes`); never buffered. Past the limit it fails with
+/// [`RequestBodyError::TooLarge`], which aborts the upstream request.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    seen: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    /// Count `inner` against `limit` bytes (`u64::MAX`: no limit).
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        Self {
+            inner,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+/// Why a client's request body could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// More bytes than the limit.
+    #[error("request body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    /// The client's body was malformed (e.g. an invalid chunk) or cut off.
+    #[error("request body could not be read from the client: {0}")]
+    Client(#[source] hyper::Error),
+}
+
+impl RequestBodyError {
+    /// The answer for a request whose body failed this way.
+    pub fn to_proxy_error(&self) -> super::error::ProxyError {
+        match self {
+            Self::TooLarge(n) => super::error::ProxyError::PayloadTooLarge(*n),
+            Self::Client(_) => super::error::ProxyError::BadRequest(
+                "the request body is malformed or was cut off".into(),
+            ),
+        }
+    }
+
+    /// The body error behind an upstream send failure, if that is what it was.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Self> {
+        let mut cur = Some(e);
+        for _ in 0..8 {
+            let Some(err) = cur else { break };
+            if let Some(b) = err.downcast_ref::<Self>() {
+                return Some(b);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.seen = this.seen.saturating_add(d.len() as u64);
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
+                    }
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -25,6 +25,23 @@ pub enum ProxyError {
     /// The deadline passed before the upstream answered (504).
     #[error("deadline of {0} ms exceeded before the upstream answered")]
     Deadline(u64),
+    /// The request body is larger than `limits.max_body_bytes` (413).
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(u64),
+    /// The request target is longer than `limits.max_uri_bytes` (414).
+    #[error("request target is {len} bytes; the limit is {max}")]
+    UriTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many or too large request headers (431).
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// The gateway is at a capacity limit, e.g. `limits.max_connections` (503).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl ProxyError {
@@ -35,6 +52,10 @@ impl ProxyError {
             Self::NoHealthyCell(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -44,6 +65,9 @@ impl ProxyError {
             Self::NoHealthyCell(_) => "14",  // UNAVAILABLE
             Self::UpstreamFailed(_) => "14", // UNAVAILABLE
             Self::Deadline(_) => "4",        // DEADLINE_EXCEEDED
+            Self::PayloadTooLarge(_) | Self::HeadersTooLarge(_) => "8", // RESOURCE_EXHAUSTED
+            Self::UriTooLong { .. } => "3",  // INVALID_ARGUMENT
+            Self::Overloaded(_) => "14",     // UNAVAILABLE
         }
     }
 

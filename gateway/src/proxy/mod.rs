@@ -3,6 +3,7 @@
 //! per request.
 
 pub mod body;
+pub mod connect;
 pub mod deadline;
 pub mod error;
 pub mod headers;
@@ -23,10 +24,9 @@ use std::task::{Context, Poll};
 use cellgate_routing::{RoutingTable, SmoothWrr, UpstreamProtocol};
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use self::body::ProxyBody;
+use self::body::{ProxyBody, RequestBody, RequestBodyError};
 use self::error::ProxyError;
 use self::headers::{X_CELL_ID, X_REQUEST_ID};
 use self::send::{AttemptError, Pool};
@@ -125,7 +125,7 @@ impl Proxy {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Proxy {
+impl tower::Service<Request<RequestBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>>>>;
@@ -134,14 +134,14 @@ impl tower::Service<Request<Incoming>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let worker = Rc::clone(&self.worker);
         let conn = Rc::clone(&self.conn);
         Box::pin(async move { Ok(handle(&worker, &conn, req).await) })
     }
 }
 
-fn is_grpc(req: &Request<Incoming>) -> bool {
+fn is_grpc(req: &Request<RequestBody>) -> bool {
     req.headers()
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -151,7 +151,7 @@ fn is_grpc(req: &Request<Incoming>) -> bool {
 pub async fn handle(
     worker: &Worker,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let table = worker.shared.table.load_full();
@@ -187,7 +187,7 @@ async fn proxy(
     worker: &Worker,
     conn: &ConnInfo,
     table: &Arc<RoutingTable>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     request_id: &HeaderValue,
     grpc: bool,
     started: Instant,
@@ -236,6 +236,7 @@ async fn proxy(
     let tag = route::tag_str(&routed.gray);
 
     // Phase: send, retrying connect failures on other instances of the cell.
+    let upstream_tls = worker.shared.upstream_tls.load();
     let connect_timeout = table.timeouts().connect;
     let mut tried: u64 = 0;
     let mut last_err = String::from("no instance of the cell is available");
@@ -250,7 +251,14 @@ async fn proxy(
             return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr()));
         }
         shape::set_remaining(req.headers_mut(), rem, grpc);
-        let attempt = send::send(&worker.pool, inst.addr, h2, req, connect_timeout.min(rem));
+        let attempt = send::send(
+            &worker.pool,
+            inst.addr,
+            h2,
+            req,
+            connect_timeout.min(rem),
+            upstream_tls.get(&cell.id),
+        );
         let outcome = match tokio::time::timeout_at(deadline, attempt).await {
             Ok(o) => o,
             Err(_) => return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr())),
@@ -280,6 +288,11 @@ async fn proxy(
                 req = back;
             }
             Err(AttemptError::Upstream(e)) => {
+                // The client's own body failed (too large, malformed): its fault, not the
+                // upstream's.
+                if let Some(b) = RequestBodyError::find(&e) {
+                    return Err((b.to_proxy_error(), cell_hdr()));
+                }
                 inst.health
                     .record_failure(cellgate_health::now_ms(), &worker.shared.ejection);
                 let msg = if e.is_timeout() {

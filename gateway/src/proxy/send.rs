@@ -14,9 +14,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
+use super::body::RequestBody;
+use super::connect;
 use crate::server::LocalExec;
+use crate::tls::UpstreamTls;
 
 /// Idle HTTP/1.1 connections kept per upstream address.
 const MAX_IDLE_PER_ADDR: usize = 512;
@@ -26,7 +28,7 @@ const MAX_IDLE_PER_ADDR: usize = 512;
 #[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
 pub enum AttemptError {
     /// The connection could not be made; the request is handed back untouched.
-    Connect(std::io::Error, Request<Incoming>),
+    Connect(std::io::Error, Request<RequestBody>),
     /// The request was (maybe) written and failed; it cannot be retried.
     Upstream(hyper::Error),
 }
@@ -34,8 +36,8 @@ pub enum AttemptError {
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+    h1: HashMap<SocketAddr, Vec<http1::SendRequest<RequestBody>>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<RequestBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -47,21 +49,14 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
-    Ok(s)
-}
-
 /// Send `req` to `addr` over HTTP/1.1 (`h2 = false`) or h2c, reusing a pooled connection.
 pub async fn send(
     pool: &Rc<RefCell<Pool>>,
     addr: SocketAddr,
     h2: bool,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     connect_timeout: Duration,
+    tls: Option<&UpstreamTls>,
 ) -> Result<Response<Incoming>, AttemptError> {
     if h2 {
         let existing = pool
@@ -73,7 +68,7 @@ pub async fn send(
         let mut sender = match existing {
             Some(s) => s,
             None => {
-                let stream = match connect(addr, connect_timeout).await {
+                let stream = match connect::open(addr, connect_timeout, tls, true).await {
                     Ok(s) => s,
                     Err(e) => return Err(AttemptError::Connect(e, req)),
                 };
@@ -125,7 +120,7 @@ pub async fn send(
             },
         }
     }
-    let stream = match connect(addr, connect_timeout).await {
+    let stream = match connect::open(addr, connect_timeout, tls, false).await {
         Ok(s) => s,
         Err(e) => return Err(AttemptError::Connect(e, req)),
     };
@@ -152,7 +147,11 @@ pub async fn send(
 }
 
 /// Return an HTTP/1.1 sender to the pool once its response body is done.
-fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+fn recycle(
+    pool: &Rc<RefCell<Pool>>,
+    addr: SocketAddr,
+    mut sender: http1::SendRequest<RequestBody>,
+) {
     let pool = Rc::clone(pool);
     tokio::task::spawn_local(async move {
         if sender.ready().await.is_ok() {

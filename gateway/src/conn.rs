@@ -1,0 +1,521 @@
+//! One client connection, from accept to close: protocol detection (HTTP/2 prior knowledge
+//! or TLS ALPN, else HTTP/1.1), the codec limits of `limits:` in hyper's builders, the
+//! connection's timers (header read, idle) and its part in a graceful drain.
+//!
+//! Timers are one watchdog per connection fed by [`Activity`], which the I/O wrapper and
+//! the request guard update with plain `Cell`s (a connection lives on one worker thread):
+//!
+//! - **header read** (HTTP/1): a request head must be complete within
+//!   `limits.header_read_timeout` of its first byte (of the accept, for the first request);
+//!   past it the connection is closed without an answer (slow loris);
+//! - **idle**: no request in flight and nothing received for `limits.idle_timeout` closes
+//!   the connection (HTTP/2 with GOAWAY);
+//! - **drain**: once the server drains, a busy HTTP/1 connection finishes its request and
+//!   closes (`Connection: close`); an idle one is given [`DRAIN_LINGER`] for a request
+//!   already on its way, then closed; HTTP/2 gets GOAWAY and its open streams finish.
+//!
+//! This module never buffers a body, never allocates per request and never blocks.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use cellgate_config::Limits;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::guard::{Guard, RequestLimits};
+use crate::server::LocalExec;
+
+/// How long an idle HTTP/1 connection is kept once the server drains, so a request the
+/// client already sent is answered (with `Connection: close`) instead of cut off.
+pub const DRAIN_LINGER: Duration = Duration::from_millis(1000);
+
+/// How often a draining connection looks whether a request arrived.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Connection-level settings taken from `limits:` once at start.
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    /// The configured limits.
+    pub limits: Limits,
+    /// `limits.header_read_timeout`.
+    pub header_read: Duration,
+    /// `limits.idle_timeout`.
+    pub idle: Duration,
+    /// What the request guard checks.
+    pub request: RequestLimits,
+}
+
+impl ConnSettings {
+    /// Settings from validated limits.
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            header_read: limits.header_read_duration(),
+            idle: limits.idle_duration(),
+            request: RequestLimits::new(limits),
+            limits: limits.clone(),
+        }
+    }
+}
+
+/// What a connection has been doing, for its timers.
+#[derive(Debug)]
+pub struct Activity {
+    in_flight: Cell<u32>,
+    last_active: Cell<Instant>,
+    head_since: Cell<Option<Instant>>,
+    /// HTTP/1: time and scan request heads.
+    track_head: Cell<bool>,
+    scan: Cell<HeadScan>,
+}
+
+/// A byte-level look at each HTTP/1 request head as it arrives, for what hyper's parser
+/// resolves silently instead of refusing: `Content-Length` together with
+/// `Transfer-Encoding` (hyper drops the length and closes after the response), repeated
+/// `Content-Length` lines (hyper merges equal ones), and bare LF line ends (hyper accepts
+/// them). Heads are scanned when they arrive on a connection with no request in flight;
+/// a head pipelined behind another is not scanned (hyper's handling applies to it).
+#[derive(Debug, Clone, Copy)]
+pub struct HeadScan {
+    state: ScanState,
+    first_line: bool,
+    line_empty: bool,
+    prev_cr: bool,
+    name: [u8; 17],
+    name_len: u8,
+    content_length: u8,
+    transfer_encoding: u8,
+    bare_lf: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    LineStart,
+    Name,
+    Rest,
+    Done,
+}
+
+impl Default for HeadScan {
+    fn default() -> Self {
+        Self {
+            state: ScanState::LineStart,
+            first_line: true,
+            line_empty: true,
+            prev_cr: false,
+            name: [0; 17],
+            name_len: 0,
+            content_length: 0,
+            transfer_encoding: 0,
+            bare_lf: false,
+        }
+    }
+}
+
+impl HeadScan {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            match (self.state, b) {
+                (ScanState::Done, _) => return,
+                (_, b'\r') => {
+                    self.prev_cr = true;
+                    continue;
+                }
+                (_, b'\n') => {
+                    if !self.prev_cr {
+                        self.bare_lf = true;
+                    }
+                    if self.line_empty && !self.first_line {
+                        self.state = ScanState::Done;
+                        return;
+                    }
+                    if self.line_empty && self.first_line {
+                        // Empty lines before the request line are allowed and skipped.
+                    } else {
+                        self.first_line = false;
+                    }
+                    self.state = ScanState::LineStart;
+                    self.line_empty = true;
+                }
+                (ScanState::LineStart, _) => {
+                    self.line_empty = false;
+                    if self.first_line {
+                        self.state = ScanState::Rest;
+                    } else {
+                        self.state = ScanState::Name;
+                        self.name_len = 1;
+                        self.name[0] = b.to_ascii_lowercase();
+                    }
+                }
+                (ScanState::Name, b':') => {
+                    match &self.name[..usize::from(self.name_len)] {
+                        b"content-length" => {
+                            self.content_length = self.content_length.saturating_add(1)
+                        }
+                        b"transfer-encoding" => {
+                            self.transfer_encoding = self.transfer_encoding.saturating_add(1)
+                        }
+                        _ => {}
+                    }
+                    self.state = ScanState::Rest;
+                }
+                (ScanState::Name, _) => {
+                    let n = usize::from(self.name_len);
+                    if n < self.name.len() {
+                        self.name[n] = b.to_ascii_lowercase();
+                        self.name_len += 1;
+                    } else {
+                        // Longer than any name looked for.
+                        self.state = ScanState::Rest;
+                    }
+                }
+                (ScanState::Rest, _) => {}
+            }
+            self.prev_cr = false;
+        }
+    }
+
+    /// Why the scanned head must be refused, if it must.
+    pub fn refusal(&self) -> Option<&'static str> {
+        if self.content_length > 0 && self.transfer_encoding > 0 {
+            Some("both Content-Length and Transfer-Encoding are present")
+        } else if self.content_length > 1 {
+            Some("more than one Content-Length header")
+        } else if self.bare_lf {
+            Some("a line of the request head ends in a bare LF")
+        } else {
+            None
+        }
+    }
+}
+
+impl Activity {
+    fn new(now: Instant) -> Rc<Self> {
+        Rc::new(Self {
+            in_flight: Cell::new(0),
+            last_active: Cell::new(now),
+            head_since: Cell::new(Some(now)),
+            track_head: Cell::new(true),
+            scan: Cell::new(HeadScan::default()),
+        })
+    }
+
+    /// A request head was parsed and handed to the service; returns the scan of that head
+    /// (HTTP/1) and starts a fresh one for the next.
+    pub fn request_started(&self) -> HeadScan {
+        self.in_flight.set(self.in_flight.get().saturating_add(1));
+        self.head_since.set(None);
+        self.scan.replace(HeadScan::default())
+    }
+
+    /// A request's response finished (or was abandoned).
+    pub fn request_finished(&self) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        self.last_active.set(Instant::now());
+    }
+
+    /// Requests in flight on this connection.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.get()
+    }
+
+    fn bytes_read(&self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.last_active.set(now);
+        if self.track_head.get() && self.in_flight.get() == 0 {
+            if self.head_since.get().is_none() {
+                self.head_since.set(Some(now));
+            }
+            let mut scan = self.scan.get();
+            scan.feed(bytes);
+            self.scan.set(scan);
+        }
+    }
+
+    /// When the watchdog must look next, and what expired if it is already past.
+    fn check(&self, now: Instant, s: &ConnSettings) -> Result<Instant, Expired> {
+        if self.track_head.get() {
+            if let Some(t) = self.head_since.get() {
+                let end = t + s.header_read;
+                return if now >= end {
+                    Err(Expired::HeaderRead)
+                } else {
+                    Ok(end)
+                };
+            }
+        }
+        if self.in_flight.get() > 0 {
+            return Ok(now + s.idle);
+        }
+        let end = self.last_active.get() + s.idle;
+        if now >= end {
+            Err(Expired::Idle)
+        } else {
+            Ok(end)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    HeaderRead,
+    Idle,
+}
+
+/// The client stream: replays bytes read while detecting the protocol, and tells
+/// [`Activity`] when bytes arrive. Writes go straight through (vectored when the inner
+/// stream can).
+#[derive(Debug)]
+pub struct ConnIo<S> {
+    inner: S,
+    prefix: [u8; 24],
+    pos: u8,
+    len: u8,
+    act: Rc<Activity>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
+    fn new(inner: S, act: Rc<Activity>) -> Self {
+        Self {
+            inner,
+            prefix: [0; 24],
+            pos: 0,
+            len: 0,
+            act,
+        }
+    }
+
+    /// Read until the bytes are (or cannot be) the HTTP/2 preface; `true` for HTTP/2.
+    async fn sniff_h2(&mut self) -> io::Result<bool> {
+        while usize::from(self.len) < H2_PREFACE.len() {
+            let len = usize::from(self.len);
+            let n = self.inner.read(&mut self.prefix[len..]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.len += n as u8;
+            let end = usize::from(self.len);
+            if self.prefix[len..end] != H2_PREFACE[len..end] {
+                self.act.bytes_read(&self.prefix[..end]);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.len {
+            let rest = &this.prefix[usize::from(this.pos)..usize::from(this.len)];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n as u8;
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            this.act.bytes_read(&buf.filled()[before..]);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The protocol a TLS client chose by ALPN, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    /// No ALPN (plaintext, or TLS without it): detect from the first bytes.
+    None,
+    /// `h2`.
+    H2,
+    /// `http/1.1`.
+    Http1,
+}
+
+/// Serve one client connection until it closes, times out, or the drain ends it.
+/// `accepted` is when the connection was accepted (the first request's head timer starts
+/// there).
+pub async fn serve<S>(
+    stream: S,
+    alpn: Alpn,
+    accepted: Instant,
+    make_guard: impl FnOnce(Rc<Activity>, bool) -> Guard,
+    settings: &ConnSettings,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let act = Activity::new(accepted);
+    let mut io = ConnIo::new(stream, Rc::clone(&act));
+    let h2 = match alpn {
+        Alpn::H2 => true,
+        Alpn::Http1 => false,
+        Alpn::None => {
+            let left = (accepted + settings.header_read).saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, io.sniff_h2()).await {
+                Ok(Ok(h2)) => h2,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "client connection failed before its first request");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("client sent no request in time; connection closed");
+                    return;
+                }
+            }
+        }
+    };
+    let lim = &settings.limits;
+    let guard = make_guard(Rc::clone(&act), !h2);
+    if h2 {
+        // HTTP/2 keeps its own framing state; only the idle timer applies.
+        act.track_head.set(false);
+        act.head_since.set(None);
+        let mut b = http2::Builder::new(LocalExec);
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(lim.h2_max_concurrent_streams)
+            .initial_stream_window_size(lim.h2_stream_window)
+            .initial_connection_window_size(lim.h2_connection_window)
+            .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(lim.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
+            .keep_alive_interval(None);
+        let conn = b.serve_connection(TokioIo::new(io), guard);
+        drive(
+            std::pin::pin!(conn),
+            |c| c.graceful_shutdown(),
+            &act,
+            settings,
+            &mut drain,
+            true,
+        )
+        .await;
+    } else {
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .keep_alive(true)
+            // The watchdog times the head from its first byte; hyper's own timer would also
+            // run while a kept-alive connection waits, merging it with the idle timeout.
+            .header_read_timeout(None)
+            .max_header_size(lim.max_header_bytes);
+        if lim.max_headers != 100 {
+            // hyper's default is 100 on the stack; any other value is allocated per request.
+            b.max_headers(lim.max_headers);
+        }
+        let conn = b.serve_connection(TokioIo::new(io), guard);
+        drive(
+            std::pin::pin!(conn),
+            |c| c.graceful_shutdown(),
+            &act,
+            settings,
+            &mut drain,
+            false,
+        )
+        .await;
+    }
+}
+
+/// Poll the connection with its watchdog until it ends.
+async fn drive<C>(
+    mut conn: Pin<&mut C>,
+    close: fn(Pin<&mut C>),
+    act: &Activity,
+    s: &ConnSettings,
+    drain: &mut watch::Receiver<bool>,
+    h2: bool,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut closing = false;
+    let mut drain_since: Option<Instant> = None;
+    if *drain.borrow() {
+        drain_since = Some(Instant::now());
+    }
+    loop {
+        let now = Instant::now();
+        let next = match drain_since {
+            Some(_) if !closing => now + DRAIN_POLL,
+            _ => match act.check(now, s) {
+                Ok(t) => t,
+                Err(_) => now,
+            },
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed(), if drain_since.is_none() => {
+                if changed.is_err() || *drain.borrow() {
+                    drain_since = Some(Instant::now());
+                }
+            }
+            _ = tokio::time::sleep_until(next), if !closing => {
+                let now = Instant::now();
+                if let Some(since) = drain_since {
+                    if h2 || act.in_flight() > 0 || now >= since + DRAIN_LINGER {
+                        close(conn.as_mut());
+                        closing = true;
+                    }
+                    continue;
+                }
+                match act.check(now, s) {
+                    Err(Expired::HeaderRead) => {
+                        tracing::debug!("request head not received within the header read timeout; connection closed");
+                        return;
+                    }
+                    Err(Expired::Idle) => {
+                        close(conn.as_mut());
+                        closing = true;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+}
