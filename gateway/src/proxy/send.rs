@@ -102,6 +102,9 @@ pub async fn send(
         };
     }
 
+    // HTTP/1.1 upstream, whatever the client spoke: an HTTP/2 request's version would keep
+    // hyper from chunking a body of unknown length, and the body would be dropped.
+    *req.version_mut() = hyper::Version::HTTP_11;
     // HTTP/1.1: try idle pooled senders first; a dead one hands the request back.
     loop {
         let idle = pool.borrow_mut().h1.get_mut(&addr).and_then(Vec::pop);
