@@ -227,6 +227,11 @@ impl H1 {
         H1(tx)
     }
 
+    /// Whether the connection can take another request (false once the gateway closed it).
+    pub async fn is_ready(&mut self) -> bool {
+        self.0.ready().await.is_ok()
+    }
+
     pub async fn try_get(
         &mut self,
         path: &str,

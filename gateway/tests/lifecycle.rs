@@ -1,0 +1,293 @@
+//! Process lifecycle against the real binary: a binary upgrade (SIGUSR2) under a bounded
+//! load fails no request; SIGTERM lets in-flight requests finish within `shutdown.grace`
+//! and then exits; past the grace it exits anyway; SIGINT exits at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn signal(pid: u32, sig: Signal) {
+    kill(Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// Kills a process by pid when dropped (the upgraded gateway is not our child).
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Wait (bounded) for the child to exit; its exit status and when.
+fn wait_exit(gw: &mut Gateway, within: Duration) -> Option<(std::process::ExitStatus, Instant)> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Some(st) = gw.child.try_wait().unwrap() {
+            return Some((st, Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Pids of every process that logged "listening".
+fn listening_pids(gw: &Gateway) -> Vec<u32> {
+    let logs = gw.logs.lock().unwrap();
+    let mut pids: Vec<u32> = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "listening")
+        .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    pids.dedup();
+    pids
+}
+
+#[derive(Default)]
+struct Load {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    reconnects: AtomicU64,
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+/// `clients` keep-alive clients sending requests until `stop` (at most `cap`). A
+/// connection the gateway closed between requests is reopened (nothing was sent on it);
+/// any request that was sent and got no 200 is a failure.
+fn start_load(
+    addr: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+    cap: Duration,
+) -> (Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let load = Arc::new(Load::default());
+    let mut tasks = Vec::new();
+    for n in 0..clients {
+        let load = Arc::clone(&load);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + cap;
+            let mut conn: Option<H1> = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                let ready = match conn.as_mut() {
+                    Some(c) => c.is_ready().await,
+                    None => false,
+                };
+                if !ready {
+                    load.reconnects.fetch_add(1, Ordering::Relaxed);
+                    conn = Some(H1::connect(addr).await);
+                }
+                let c = conn.as_mut().unwrap();
+                i += 1;
+                let key = format!("user-{n}-{}", i % 50);
+                match c.try_get("/load", &[("x-user-id", &key)]).await {
+                    Ok(r) if r.status == 200 => {
+                        load.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        load.failed.fetch_add(1, Ordering::Relaxed);
+                        load.errors
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status));
+                    }
+                    Err(e) => {
+                        load.failed.fetch_add(1, Ordering::Relaxed);
+                        load.errors.lock().unwrap().push(e.to_string());
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+    (load, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_binary_upgrade_under_load_fails_no_request() {
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "shutdown: { grace: 10s }\n",
+    );
+    let dir = TempDir::new("upgrade");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let mut gw = Gateway::start(&dir.path("c.yaml"));
+    let old_pid = gw.child.id();
+    let mut new_proc = KillOnDrop(None);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, tasks) = start_load(gw.addr, 4, Arc::clone(&stop), Duration::from_secs(30));
+    // Some traffic on the old process first.
+    let t = Instant::now();
+    while load.ok.load(Ordering::Relaxed) < 200 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = load.ok.load(Ordering::Relaxed);
+    assert!(before >= 200, "load did not start");
+
+    signal(old_pid, Signal::SIGUSR2);
+    assert!(
+        gw.wait_log("told the old process to drain", Duration::from_secs(20))
+            .await,
+        "the new process never took over: {:?}",
+        gw.logs.lock().unwrap()
+    );
+    let pids = listening_pids(&gw);
+    new_proc.0 = pids.iter().copied().find(|&p| p != old_pid);
+    assert!(new_proc.0.is_some(), "no new pid in {pids:?}");
+    let (status, _) =
+        wait_exit(&mut gw, Duration::from_secs(15)).expect("old process still running");
+    assert!(status.success(), "old process exit: {status}");
+    assert!(gw.logs_contain("drained; exiting"));
+
+    // Traffic goes on, now on the new process only.
+    let at_exit = load.ok.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while load.ok.load(Ordering::Relaxed) < at_exit + 200 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ok = load.ok.load(Ordering::Relaxed);
+    let failed = load.failed.load(Ordering::Relaxed);
+    eprintln!(
+        "upgrade under load: {ok} ok ({before} before the upgrade, {} after the old process exited), {failed} failed, {} connections opened",
+        ok - at_exit,
+        load.reconnects.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        failed,
+        0,
+        "failed requests: {:?}",
+        load.errors.lock().unwrap()
+    );
+    assert!(ok >= at_exit + 200, "the new process did not serve");
+    // And new clients reach the new process.
+    assert_eq!(
+        get(gw.addr, "/", &[("x-user-id", "alice")]).await.status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 1500}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "shutdown: { grace: 10s }\n",
+    );
+    let dir = TempDir::new("sigterm");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let mut gw = Gateway::start(&dir.path("c.yaml"));
+    let addr = gw.addr;
+    let mut c = H1::connect(addr).await;
+    let in_flight =
+        tokio::spawn(async move { c.try_get("/slow", &[("x-user-id", "alice")]).await });
+    // The request is on its way to the slow upstream before the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    signal(gw.child.id(), Signal::SIGTERM);
+    assert!(
+        gw.wait_log("SIGTERM: draining", Duration::from_secs(5))
+            .await
+    );
+
+    // No new connection is served once it drains.
+    let end = Instant::now() + Duration::from_secs(3);
+    loop {
+        let refused = match tokio::net::TcpStream::connect(addr).await {
+            Err(_) => true,
+            Ok(mut s) => {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = s
+                    .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-User-ID: a\r\n\r\n")
+                    .await;
+                let mut b = [0u8; 16];
+                !matches!(
+                    tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await,
+                    Ok(Ok(n)) if n > 0
+                )
+            }
+        };
+        if refused {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "new connections still served while draining"
+        );
+    }
+
+    let r = in_flight.await.unwrap().expect("in-flight request failed");
+    assert_eq!(r.status, 200);
+    let finished = Instant::now();
+    let (status, exited) = wait_exit(&mut gw, Duration::from_secs(10)).expect("did not exit");
+    assert!(status.success(), "exit: {status}");
+    assert!(
+        exited >= finished - Duration::from_millis(50),
+        "exited before the request finished"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(gw.logs_contain("drained; exiting"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_at_the_end_of_the_grace_period_and_sigint_at_once() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 5000}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "shutdown: { grace: 700ms }\n",
+    );
+    let dir = TempDir::new("grace");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut gw = Gateway::start(&dir.path("c.yaml"));
+        let mut c = H1::connect(gw.addr).await;
+        let in_flight =
+            tokio::spawn(async move { c.try_get("/slow", &[("x-user-id", "alice")]).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = Instant::now();
+        signal(gw.child.id(), sig);
+        let (_, exited) = wait_exit(&mut gw, Duration::from_secs(5)).expect("did not exit");
+        let took = exited - t;
+        match sig {
+            Signal::SIGTERM => {
+                assert!(
+                    took >= Duration::from_millis(600) && took < Duration::from_millis(2500),
+                    "SIGTERM exit after {took:?}"
+                );
+                assert!(gw.logs_contain("grace period over"));
+            }
+            _ => assert!(
+                took < Duration::from_millis(500),
+                "SIGINT exit after {took:?}"
+            ),
+        }
+        assert!(
+            in_flight.await.unwrap().is_err(),
+            "cut-off request reported success"
+        );
+    }
+}

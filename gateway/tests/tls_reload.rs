@@ -1,0 +1,389 @@
+//! TLS against the real binary: a certificate replaced on disk serves new connections
+//! without a restart and without a failed request (a bad replacement is refused and the
+//! previous one keeps serving); upstream TLS per cell (CA and name verified, or
+//! `insecure_skip_verify`); and the admin API's mTLS server configuration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpStream;
+
+struct Pem {
+    cert: String,
+    key: String,
+    der: CertificateDer<'static>,
+}
+
+fn self_signed(name: &str) -> Pem {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    Pem {
+        cert: c.cert.pem(),
+        key: c.signing_key.serialize_pem(),
+        der: c.cert.der().clone(),
+    }
+}
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, name.to_owned());
+    let key = KeyPair::generate().unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+fn leaf(ca: &Ca, name: &str) -> Pem {
+    let p = CertificateParams::new(vec![name.to_owned()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.issuer).unwrap();
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+        der: cert.der().clone(),
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_trusting(certs: &[&CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add((*c).clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Full handshakes only: a resumed session presents no certificate.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// One request on a new TLS connection; the certificate the gateway presented.
+async fn tls_get(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+) -> Result<CertificateDer<'static>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get("/tls")
+        .header("host", "localhost")
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    if res.status() != 200 {
+        return Err(format!("status {}", res.status()));
+    }
+    res.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok(cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_replaced_on_disk_serves_new_connections_without_a_failed_request() {
+    let a = self_signed("localhost");
+    let b = self_signed("localhost");
+    let dir = TempDir::new("certreload");
+    let (cert_path, key_path) = (dir.path("cert.pem"), dir.path("key.pem"));
+    std::fs::write(&cert_path, &a.cert).unwrap();
+    std::fs::write(&key_path, &a.key).unwrap();
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        &format!(
+            "listen:\n  http: 127.0.0.1:0\n  tls: {{ listen: \"127.0.0.1:0\", cert: {}, key: {} }}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let tls_addr = gw.tls_addr.expect("TLS listener");
+    let connector = client_trusting(&[&a.der, &b.der]);
+    assert_eq!(tls_get(tls_addr, &connector).await.unwrap(), a.der);
+
+    // Clients keep opening connections while the files change.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen_b = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (stop, ok, failures, seen_b, connector, bder) = (
+            Arc::clone(&stop),
+            Arc::clone(&ok),
+            Arc::clone(&failures),
+            Arc::clone(&seen_b),
+            connector.clone(),
+            b.der.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                match tls_get(tls_addr, &connector).await {
+                    Ok(c) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if c == bder {
+                            seen_b.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+            }
+        }));
+    }
+    // An established connection keeps working across the swap.
+    let tcp = TcpStream::connect(tls_addr).await.unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut kept, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    write_atomic(&cert_path, &b.cert);
+    write_atomic(&key_path, &b.key);
+    let t = Instant::now();
+    while !seen_b.load(Ordering::Relaxed) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gw.wait_log("TLS certificate reloaded", Duration::from_secs(5))
+            .await
+    );
+    let req = Request::get("/kept")
+        .header("host", "localhost")
+        .header("x-user-id", "alice")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(kept.send_request(req).await.unwrap().status(), 200);
+
+    // A bad replacement is refused; B keeps serving.
+    write_atomic(&cert_path, "not a certificate");
+    assert!(
+        gw.wait_log("TLS certificate rejected", Duration::from_secs(5))
+            .await
+    );
+    let before = ok.load(Ordering::Relaxed);
+    let t = Instant::now();
+    while ok.load(Ordering::Relaxed) < before + 20 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(tls_get(tls_addr, &connector).await.unwrap(), b.der);
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(ok.load(Ordering::Relaxed) > 40);
+}
+
+/// A TLS terminator in front of a plaintext demo upstream (the cell's instance).
+async fn tls_upstream(cert: &Pem, plain: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let certs = vec![cert.der.clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(
+        rustls_pemfile::private_key(&mut cert.key.as_bytes())
+            .unwrap()
+            .unwrap()
+            .secret_der()
+            .to_vec(),
+    )
+    .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { break };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    if let Ok(mut back) = TcpStream::connect(plain).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_per_cell_verifies_the_ca_and_the_name() {
+    let up = upstream("a", "a-1");
+    let authority = ca("cellgate test CA");
+    let cert = leaf(&authority, "upstream.test");
+    let (tls_addr, _t) = tls_upstream(&cert, up.addr).await;
+    let dir = TempDir::new("uptls");
+    std::fs::write(dir.path("ca.pem"), &authority.pem).unwrap();
+    let ca_path = dir.path("ca.pem").display().to_string();
+
+    let run = |tls: String| {
+        let yaml = format!(
+            "regions: [r1]\ncells:\n  - id: a\n    region: r1\n    tls: {tls}\n    instances: [ {{ name: a-1, addr: \"{tls_addr}\" }} ]\n"
+        );
+        std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+        Gateway::start(&dir.path("c.yaml"))
+    };
+
+    // Verified against the cell's CA and name.
+    let gw = run(format!(
+        "{{ ca_file: {ca_path}, server_name: upstream.test }}"
+    ));
+    let r = get(gw.addr, "/secure-upstream", &[("x-user-id", "alice")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["cell"], "a");
+    assert_eq!(r.json()["path"], "/secure-upstream");
+    drop(gw);
+
+    // The wrong name is refused: 502, nothing sent in plaintext.
+    let gw = run(format!("{{ ca_file: {ca_path}, server_name: other.test }}"));
+    let r = get(gw.addr, "/", &[("x-user-id", "alice")]).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    drop(gw);
+
+    // insecure_skip_verify accepts it without a CA (testing only).
+    let gw = run("{ insecure_skip_verify: true }".into());
+    assert_eq!(
+        get(gw.addr, "/", &[("x-user-id", "alice")]).await.status,
+        200
+    );
+    assert!(gw.logs_contain("not verified"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca() {
+    let server_ca = ca("server CA");
+    let client_ca = ca("admin clients CA");
+    let other_ca = ca("someone else");
+    let server = leaf(&server_ca, "localhost");
+    let dir = TempDir::new("mtls");
+    std::fs::write(dir.path("cert.pem"), &server.cert).unwrap();
+    std::fs::write(dir.path("key.pem"), &server.key).unwrap();
+    std::fs::write(dir.path("client_ca.pem"), &client_ca.pem).unwrap();
+    let cfg = cellgate::tls::admin_server_config(
+        dir.path("cert.pem").to_str().unwrap(),
+        dir.path("key.pem").to_str().unwrap(),
+        dir.path("client_ca.pem").to_str().unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { break };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tls.write_all(b"admin").await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+
+    let server_der = rustls_pemfile::certs(&mut server_ca.pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_der).unwrap();
+    let roots = Arc::new(roots);
+    let client = |identity: Option<&Pem>| {
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(Arc::clone(&roots));
+        let cfg = match identity {
+            None => b.with_no_client_auth(),
+            Some(p) => {
+                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
+                    .unwrap()
+                    .unwrap();
+                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
+            }
+        };
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let talk = |connector: tokio_rustls::TlsConnector| async move {
+        use tokio::io::AsyncReadExt;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(buf)
+    };
+
+    let admin = leaf(&client_ca, "operator");
+    assert_eq!(talk(client(Some(&admin))).await.unwrap(), b"admin");
+    assert!(
+        talk(client(None)).await.is_err(),
+        "no client certificate accepted"
+    );
+    let stranger = leaf(&other_ca, "operator");
+    assert!(
+        talk(client(Some(&stranger))).await.is_err(),
+        "a certificate from another CA accepted"
+    );
+}
