@@ -38,6 +38,12 @@ pub struct Config {
     /// Gray rules.
     #[serde(default)]
     pub gray: Vec<GrayCfg>,
+    /// Health: probes, outlier ejection, breakers, failover, weights, retries.
+    #[serde(default)]
+    pub health: crate::health::HealthCfg,
+    /// Load shedding by SLO class.
+    #[serde(default)]
+    pub shedding: crate::health::SheddingCfg,
 }
 
 /// Listeners.

@@ -28,7 +28,9 @@
 //! single-threaded runtime with its own upstream connection pool, so the request path
 //! takes no lock.
 
+pub mod controller;
 pub mod demo;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;

@@ -29,17 +29,21 @@ pub enum Reloaded {
 
 /// Load, validate and build `path`, and swap it in when it is valid.
 pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
+    let mut writer = shared.writer.lock().await;
     let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
     let built = tokio::task::spawn_blocking(move || {
         let cfg = cellgate_config::load_file(&path2)?;
         let next = shared2.table.load().version() + 1;
-        cfg.build_table(next, &shared2.health)
+        let table = cfg.build_table(next, &shared2.health)?;
+        Ok::<_, cellgate_config::ConfigError>((cfg, table))
     })
     .await;
     match built {
-        Ok(Ok(table)) => {
+        Ok(Ok((cfg, table))) => {
             let v = table.version();
+            shared.shedding.apply(&cfg.shedding);
+            writer.config = cfg;
             shared.table.store(Arc::new(table));
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)

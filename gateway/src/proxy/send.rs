@@ -11,6 +11,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
+
+use super::body::ProxyBody;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,7 +28,7 @@ const MAX_IDLE_PER_ADDR: usize = 512;
 #[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
 pub enum AttemptError {
     /// The connection could not be made; the request is handed back untouched.
-    Connect(std::io::Error, Request<Incoming>),
+    Connect(std::io::Error, Request<ProxyBody>),
     /// The request was (maybe) written and failed; it cannot be retried.
     Upstream(hyper::Error),
 }
@@ -34,8 +36,8 @@ pub enum AttemptError {
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+    h1: HashMap<SocketAddr, Vec<http1::SendRequest<ProxyBody>>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -60,7 +62,7 @@ pub async fn send(
     pool: &Rc<RefCell<Pool>>,
     addr: SocketAddr,
     h2: bool,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
     connect_timeout: Duration,
 ) -> Result<Response<Incoming>, AttemptError> {
     if h2 {
@@ -152,7 +154,7 @@ pub async fn send(
 }
 
 /// Return an HTTP/1.1 sender to the pool once its response body is done.
-fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<ProxyBody>) {
     let pool = Rc::clone(pool);
     tokio::task::spawn_local(async move {
         if sender.ready().await.is_ok() {
