@@ -186,11 +186,13 @@ cpu_ticks() {
   echo "$total"
 }
 
-# busy clock ticks of all CPUs (user nice system irq softirq steal; /proc/stat "cpu" line)
+# busy clock ticks of all CPUs that processes account for (user nice system)
+# plus steal, from the /proc/stat "cpu" line; irq/softirq time (loopback
+# packet processing) is left out: no process is charged for it
 busy_ticks() {
   local -a c
   read -r -a c </proc/stat
-  echo $((c[1] + c[2] + c[3] + c[6] + c[7] + c[8]))
+  echo $((c[1] + c[2] + c[3] + c[8]))
 }
 
 # utime+stime of the children this shell has waited for (fields 16, 17 of
@@ -310,8 +312,8 @@ wait_port "$UPH2" "upstream 1 (h2c)"
 UP_ALL=("${UP_PIDS[@]}")
 for p in "${UP_PIDS[@]}"; do
   kids=$(nginx_workers "$p")
-  # shellcheck disable=SC2206
-  UP_ALL+=($kids); PIDS+=($kids)
+  read -r -a kids <<<"$kids"
+  UP_ALL+=("${kids[@]}"); PIDS+=("${kids[@]}")
 done
 log "upstreams on 127.0.0.1:$UP1 $UP2 $UP3 (h2c on $UPH2)"
 
@@ -579,6 +581,12 @@ fi
 # ---------------------------------------------------------------- table ----
 h2_skip=
 [[ $H2 == 1 ]] || h2_skip="H2=0"
+CG_LOG_NOTE=
+if [[ -f $WORK/cellgate/stderr.log ]]; then
+  cp "$WORK/cellgate/stderr.log" "$RAW/cellgate-stderr.log"
+  n_warn=$(grep -c -E 'WARN|ERROR' "$RAW/cellgate-stderr.log" || true)
+  CG_LOG_NOTE="$n_warn WARN/ERROR lines in its stderr (${RAW#"$ROOT"/}/cellgate-stderr.log)"
+fi
 read -r -a CPUSTAT1 < /proc/stat
 # busy and steal share of all CPU time during the measurements (/proc/stat "cpu" line)
 cpu_share() {
@@ -595,7 +603,8 @@ cpu_share() {
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
   printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
-  printf 'cellgate\t%s (%s)\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+  printf 'cellgate\t%s (%s)%s\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+    "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
     "$(wrk -v 2>&1 | awk 'NR==1{print $2}')" "$(h2load --version 2>&1 | awk '{print $2}')"
@@ -615,5 +624,4 @@ cpu_share() {
 } >"$META"
 python3 "$HERE/report.py" table "$RESULTS" "$META" >"$OUT_DIR/load-$STAMP.md"
 cat "$OUT_DIR/load-$STAMP.md"
-for f in "$WORK"/cellgate/stderr.log; do [[ -f $f ]] && cp "$f" "$RAW/cellgate-stderr.log"; done
 log "report: ${OUT_DIR#"$ROOT"/}/load-$STAMP.md"

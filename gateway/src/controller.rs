@@ -69,6 +69,7 @@ pub async fn step(shared: &Arc<Shared>) {
                     && i.health.probe_streak() >= i64::from(p.failover.recover_probes)
             }),
         };
+        tracing::trace!(cell = %cell.id, window = ?cell.health.window(now), ?signals, "evaluate");
         if let Some(t) = cell.health.evaluate(now, signals, &p.failover) {
             transitions.push((Arc::clone(&cell.id), t));
         }

@@ -314,6 +314,10 @@ impl Gateway {
                     hup,
                 ));
             }
+            tokio::spawn(crate::controller::run(
+                Arc::clone(&self.shared),
+                self.opts.health_tick,
+            ));
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
