@@ -232,18 +232,19 @@ impl Drop for InFlight<'_> {
 
 /// Phase *admit*: shed by SLO class when the gateway is overloaded.
 fn admit<'a>(shared: &'a Shared, class: SloClass) -> Result<InFlight<'a>, ProxyError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let n = shared.in_flight.fetch_add(1, Relaxed) + 1;
-    let guard = InFlight(&shared.in_flight);
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
     let limit = match class {
         SloClass::Critical => shared.shedding.max.load(Relaxed),
         SloClass::Standard => shared.shedding.standard.load(Relaxed),
         SloClass::BestEffort => shared.shedding.best_effort.load(Relaxed),
     };
-    if n > limit {
-        return Err(ProxyError::Shed(class.as_str()));
-    }
-    Ok(guard)
+    // Count the request only if it fits: a shed request never takes a place, so it
+    // cannot push a higher class over its limit.
+    shared
+        .in_flight
+        .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
+        .map(|_| InFlight(&shared.in_flight))
+        .map_err(|_| ProxyError::Shed(class.as_str()))
 }
 
 fn idempotent(m: &http::Method) -> bool {

@@ -459,3 +459,15 @@ pub fn keys_in(table: &cellgate_routing::RoutingTable, cell: &str, n: usize) -> 
         .take(n)
         .collect()
 }
+
+/// Wait (bounded) until connections to `addr` are refused.
+pub async fn wait_refusing(addr: SocketAddr) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{addr} still accepts connections");
+}
