@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// Every health knob of a table.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct HealthPolicy {
     /// Passive outlier ejection of instances.
     pub outlier: OutlierPolicy,
@@ -18,19 +18,6 @@ pub struct HealthPolicy {
     pub weight: WeightPolicy,
     /// Retries.
     pub retry: RetryPolicy,
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        Self {
-            outlier: OutlierPolicy::default(),
-            breaker: BreakerPolicy::default(),
-            failover: FailoverPolicy::default(),
-            probe: ProbePolicy::default(),
-            weight: WeightPolicy::default(),
-            retry: RetryPolicy::default(),
-        }
-    }
 }
 
 /// Passive outlier ejection.
