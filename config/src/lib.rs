@@ -7,10 +7,12 @@
 //! on the request path and never depends on an HTTP engine.
 
 mod error;
+mod health;
 mod model;
 mod validate;
 
 pub use error::{ConfigError, Issue};
+pub use health::*;
 pub use model::*;
 pub use validate::parse_duration;
 

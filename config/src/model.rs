@@ -44,6 +44,12 @@ pub struct Config {
     /// Graceful shutdown and binary upgrade.
     #[serde(default)]
     pub shutdown: ShutdownCfg,
+    /// Health: probes, outlier ejection, breakers, failover, weights, retries.
+    #[serde(default)]
+    pub health: crate::health::HealthCfg,
+    /// Load shedding by SLO class.
+    #[serde(default)]
+    pub shedding: crate::health::SheddingCfg,
 }
 
 /// Listeners.

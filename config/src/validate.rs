@@ -444,6 +444,8 @@ impl Config {
             }
         }
 
+        self.health.to_policy(&mut is.0);
+        self.shedding.check(&mut is.0);
         if is.0.is_empty() {
             Ok(())
         } else {
@@ -481,7 +483,8 @@ impl Config {
                 self.routing.anonymous.policy == AnonymousPolicyCfg::Reject,
                 self.routing.anonymous.default_region.clone(),
             )
-            .timeouts(self.timeouts());
+            .timeouts(self.timeouts())
+            .health(self.health.to_policy(&mut Vec::new()));
         for r in &self.regions {
             b = b.region(r.clone());
         }

@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::conn::Activity;
-use crate::proxy::body::{ProxyBody, RequestBody};
+use crate::proxy::body::{BodyError, ProxyBody, RequestBody};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{ids, Proxy};
@@ -240,12 +240,12 @@ pub struct GuardBody {
 
 impl Body for GuardBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let f = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if f.is_none() {

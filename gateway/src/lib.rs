@@ -33,8 +33,10 @@
 //! takes no lock.
 
 pub mod conn;
+pub mod controller;
 pub mod demo;
 pub mod guard;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;

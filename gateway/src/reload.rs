@@ -29,6 +29,7 @@ pub enum Reloaded {
 
 /// Load, validate and build `path`, and swap it in when it is valid.
 pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
+    let mut writer = shared.writer.lock().await;
     let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
     let built = tokio::task::spawn_blocking(move || {
@@ -38,12 +39,14 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
             .build_table(next, &shared2.health)
             .map_err(|e| e.to_string())?;
         let tls = crate::tls::UpstreamTlsMap::from_config(&cfg).map_err(|e| e.to_string())?;
-        Ok::<_, String>((table, tls))
+        Ok::<_, String>((cfg, table, tls))
     })
     .await;
     match built {
-        Ok(Ok((table, tls))) => {
+        Ok(Ok((cfg, table, tls))) => {
             let v = table.version();
+            shared.shedding.apply(&cfg.shedding);
+            writer.config = cfg;
             shared.upstream_tls.store(Arc::new(tls));
             shared.table.store(Arc::new(table));
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");

@@ -9,13 +9,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use cellgate_config::Config;
-use cellgate_health::{EjectionPolicy, HealthRegistry};
+
+use cellgate_health::HealthRegistry;
 use cellgate_routing::RoutingTable;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -46,12 +47,95 @@ where
 pub struct Shared {
     /// The current routing table: one immutable snapshot, swapped whole.
     pub table: ArcSwap<RoutingTable>,
-    /// Health state by instance identity; survives table swaps.
+    /// Health state by cell and instance identity; survives table swaps.
     pub health: HealthRegistry,
-    /// Passive ejection settings.
-    pub ejection: EjectionPolicy,
     /// Upstream TLS of the cells that have it; rebuilt with the table.
     pub upstream_tls: ArcSwap<UpstreamTlsMap>,
+    /// The only writer of `table`: the configuration it is built from. Reloads, health
+    /// transitions and weight updates all go through it, so none is lost. Never taken on
+    /// the request path.
+    pub writer: tokio::sync::Mutex<TableWriter>,
+    /// Requests in flight through the gateway (load shedding).
+    pub in_flight: AtomicU64,
+    /// Shedding limits by SLO class.
+    pub shedding: SheddingLimits,
+    /// Recent cell switches (newest last), for operators.
+    pub switches: std::sync::Mutex<std::collections::VecDeque<SwitchEvent>>,
+}
+
+/// Builds tables from the current configuration.
+#[derive(Debug)]
+pub struct TableWriter {
+    /// The configuration tables are built from.
+    pub config: Config,
+}
+
+/// In-flight limits per SLO class (critical, standard, best-effort).
+#[derive(Debug, Default)]
+pub struct SheddingLimits {
+    /// Critical requests are shed past this.
+    pub max: AtomicU64,
+    /// Standard requests are shed past this.
+    pub standard: AtomicU64,
+    /// Best-effort requests are shed past this.
+    pub best_effort: AtomicU64,
+}
+
+impl SheddingLimits {
+    /// Apply a configuration's `shedding:` section.
+    pub fn apply(&self, c: &cellgate_config::SheddingCfg) {
+        let max = c.max_in_flight.max(1);
+        self.max.store(max, Ordering::Relaxed);
+        self.standard.store(
+            ((max as f64) * c.standard_at).floor().max(1.0) as u64,
+            Ordering::Relaxed,
+        );
+        self.best_effort.store(
+            ((max as f64) * c.best_effort_at).floor().max(1.0) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// One automatic or manual cell switch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchEvent {
+    /// Unix time, milliseconds.
+    pub at_unix_ms: u64,
+    /// Cell.
+    pub cell: String,
+    /// `failed_over` or `returned`.
+    pub action: &'static str,
+    /// Why.
+    pub reason: String,
+    /// From detection to the new table serving, in milliseconds.
+    pub switch_ms: f64,
+    /// How long the cell was failed over (for returns), in milliseconds.
+    pub failed_over_ms: Option<u64>,
+    /// Table version that carries the switch.
+    pub table_version: u64,
+}
+
+impl Shared {
+    /// Build a new table version from `writer.config` and swap it in. Caller holds the writer.
+    pub fn rebuild(&self, writer: &TableWriter) -> Result<u64, cellgate_config::ConfigError> {
+        let next = self.table.load().version() + 1;
+        let table = writer.config.build_table(next, &self.health)?;
+        self.table.store(Arc::new(table));
+        Ok(next)
+    }
+
+    /// Remember a switch (bounded history).
+    pub fn push_switch(&self, e: SwitchEvent) {
+        let mut q = match self.switches.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        if q.len() >= 1000 {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
 }
 
 /// Why the gateway could not start.
@@ -92,6 +176,8 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// How often the file is checked for changes.
     pub watch_interval: Duration,
+    /// How often the health controller publishes weights and evaluates cell failover.
+    pub health_tick: Duration,
 }
 
 impl RunOptions {
@@ -103,6 +189,7 @@ impl RunOptions {
             listen: None,
             workers: None,
             watch_interval: Duration::from_millis(250),
+            health_tick: Duration::from_millis(100),
         }
     }
 }
@@ -241,12 +328,19 @@ impl Gateway {
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
         let health = HealthRegistry::new();
         let table = opts.config.build_table(1, &health)?;
+        let shedding = SheddingLimits::default();
+        shedding.apply(&opts.config.shedding);
         let upstream_tls = UpstreamTlsMap::from_config(&opts.config)?;
         let shared = Arc::new(Shared {
+            upstream_tls: ArcSwap::from_pointee(upstream_tls),
             table: ArcSwap::from_pointee(table),
             health,
-            ejection: EjectionPolicy::default(),
-            upstream_tls: ArcSwap::from_pointee(upstream_tls),
+            writer: tokio::sync::Mutex::new(TableWriter {
+                config: opts.config.clone(),
+            }),
+            in_flight: AtomicU64::new(0),
+            shedding,
+            switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
         });
         let settings = ConnSettings::new(&opts.config.limits);
         let lifecycle = Lifecycle::new(opts.config.limits.max_connections);
@@ -348,6 +442,10 @@ impl Gateway {
                     hup,
                 ));
             }
+            tokio::spawn(crate::controller::run(
+                Arc::clone(&self.shared),
+                self.opts.health_tick,
+            ));
             if let Some(certs) = self.certs.clone() {
                 tokio::spawn(watch_certs(certs, self.opts.watch_interval));
             }

@@ -1,5 +1,7 @@
-//! The response/request body type of the proxy: either a streamed upstream body (frames,
-//! including gRPC trailers, pass through untouched) or a small body the gateway made.
+//! The response/request body type of the proxy: a streamed body from the other side
+//! (frames, including gRPC trailers, pass through untouched; a client's request body is
+//! counted against the body limit as it flows, [`RequestBody`]) or a small body the
+//! gateway made.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,6 +15,8 @@ use hyper::body::Incoming;
 pub enum ProxyBody {
     /// Streamed from the other side.
     Stream(Incoming),
+    /// A client's request body, counted against the body limit.
+    Request(RequestBody),
     /// Made by the gateway (errors); `None` once sent.
     Full(Option<Bytes>),
 }
@@ -28,16 +32,20 @@ impl ProxyBody {
     }
 }
 
+/// Why a body stream failed: the other side's error, or the request body's limit.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Self::Stream(b) => Pin::new(b).poll_frame(cx),
+            Self::Stream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+            Self::Request(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Self::Full(b) => Poll::Ready(
                 b.take()
                     .filter(|b| !b.is_empty())
@@ -49,6 +57,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Stream(b) => b.is_end_stream(),
+            Self::Request(b) => b.is_end_stream(),
             Self::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
         }
     }
@@ -56,6 +65,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Stream(b) => b.size_hint(),
+            Self::Request(b) => b.size_hint(),
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

@@ -25,6 +25,9 @@ pub enum ProxyError {
     /// The deadline passed before the upstream answered (504).
     #[error("deadline of {0} ms exceeded before the upstream answered")]
     Deadline(u64),
+    /// Shed under overload (429).
+    #[error("gateway overloaded: {0} request shed; retry later")]
+    Shed(&'static str),
     /// The request body is larger than `limits.max_body_bytes` (413).
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(u64),
@@ -52,6 +55,7 @@ impl ProxyError {
             Self::NoHealthyCell(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Shed(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -65,6 +69,7 @@ impl ProxyError {
             Self::NoHealthyCell(_) => "14",  // UNAVAILABLE
             Self::UpstreamFailed(_) => "14", // UNAVAILABLE
             Self::Deadline(_) => "4",        // DEADLINE_EXCEEDED
+            Self::Shed(_) => "8",            // RESOURCE_EXHAUSTED
             Self::PayloadTooLarge(_) | Self::HeadersTooLarge(_) => "8", // RESOURCE_EXHAUSTED
             Self::UriTooLong { .. } => "3",  // INVALID_ARGUMENT
             Self::Overloaded(_) => "14",     // UNAVAILABLE

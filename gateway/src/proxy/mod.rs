@@ -31,6 +31,7 @@ use self::error::ProxyError;
 use self::headers::{X_CELL_ID, X_REQUEST_ID};
 use self::send::{AttemptError, Pool};
 use crate::server::Shared;
+use cellgate_health::Outcome;
 
 /// The client side of a connection.
 #[derive(Debug)]
@@ -183,6 +184,100 @@ pub async fn handle(
 
 type Failed = (ProxyError, Option<HeaderValue>);
 
+/// SLO class of a request (`X-SLO-Class`), for load shedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SloClass {
+    /// Shed last.
+    Critical,
+    /// The default.
+    Standard,
+    /// Shed first.
+    BestEffort,
+}
+
+impl SloClass {
+    fn of(req: &Request<RequestBody>) -> Result<Self, ProxyError> {
+        match req
+            .headers()
+            .get(headers::X_SLO_CLASS)
+            .map(|v| v.as_bytes())
+        {
+            None | Some(b"standard") => Ok(Self::Standard),
+            Some(b"critical") => Ok(Self::Critical),
+            Some(b"best-effort") => Ok(Self::BestEffort),
+            Some(_) => Err(ProxyError::BadRequest(
+                "X-SLO-Class must be critical, standard or best-effort".into(),
+            )),
+        }
+    }
+
+    /// Name as in the header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::BestEffort => "best-effort",
+        }
+    }
+}
+
+/// Counts a request in flight through the gateway until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Phase *admit*: shed by SLO class when the gateway is overloaded.
+fn admit<'a>(shared: &'a Shared, class: SloClass) -> Result<InFlight<'a>, ProxyError> {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+    let limit = match class {
+        SloClass::Critical => shared.shedding.max.load(Relaxed),
+        SloClass::Standard => shared.shedding.standard.load(Relaxed),
+        SloClass::BestEffort => shared.shedding.best_effort.load(Relaxed),
+    };
+    // Count the request only if it fits: a shed request never takes a place, so it
+    // cannot push a higher class over its limit.
+    shared
+        .in_flight
+        .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
+        .map(|_| InFlight(&shared.in_flight))
+        .map_err(|_| ProxyError::Shed(class.as_str()))
+}
+
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
+}
+
+/// What is needed to send a bodiless request again.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<ProxyBody> {
+        let mut r = Request::new(ProxyBody::empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
 async fn proxy(
     worker: &Worker,
     conn: &ConnInfo,
@@ -193,33 +288,34 @@ async fn proxy(
     started: Instant,
 ) -> Result<Response<ProxyBody>, Failed> {
     let now = cellgate_health::now_ms();
+    // Phase: admit.
+    let class = SloClass::of(&req).map_err(|e| (e, None))?;
+    let _in_flight = admit(&worker.shared, class).map_err(|e| (e, None))?;
     // Phase: key + decide.
     let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
-    let cell_idx = routed.cell();
-    let Some(cell) = table.cell(cell_idx) else {
+    let mut cell_idx = routed.cell();
+    let Some(mut cell) = table.cell(cell_idx) else {
         return Err((
             ProxyError::NoHealthyCell("decision named no cell".into()),
             None,
         ));
     };
-    let cell_hdr = || Some(cell.id_header.clone());
     // Phase: shape.
     let budget = deadline::budget(req.headers(), table.timeouts())
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
-    let h2 = match (cell.protocol, grpc) {
-        (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => true,
-        (UpstreamProtocol::Http1, true) => {
-            return Err((
-                ProxyError::UpstreamFailed(format!(
-                    "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
-                    cell.id
-                )),
-                cell_hdr(),
-            ))
+    let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
+        match (c.protocol, grpc) {
+            (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => Ok(true),
+            (UpstreamProtocol::Http1, true) => Err(ProxyError::UpstreamFailed(format!(
+                "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
+                c.id
+            ))),
+            _ => Ok(false),
         }
-        _ => false,
     };
+    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell.id_header.clone())))?;
+    let key_for_retry = routed.key.clone();
     let (mut parts, body) = req.into_parts();
     shape::shape_headers(
         &mut parts.headers,
@@ -232,41 +328,149 @@ async fn proxy(
         },
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
-    let mut req = Request::from_parts(parts, body);
+    let p = table.health_policy();
+    let replay = (p.retry.max_attempts > 1
+        && !p.retry.statuses.is_empty()
+        && idempotent(&parts.method)
+        && http_body::Body::is_end_stream(&body))
+    .then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let mut req: Option<Request<ProxyBody>> =
+        Some(Request::from_parts(parts, ProxyBody::Request(body)));
     let tag = route::tag_str(&routed.gray);
 
-    // Phase: send, retrying connect failures on other instances of the cell.
-    let upstream_tls = worker.shared.upstream_tls.load();
+    // Phase: send. Connect failures (nothing sent) move to another instance of the cell, and
+    // to the failover cell once the cell has none left; retryable answers to idempotent
+    // bodiless requests are retried within the cell's retry budget.
     let connect_timeout = table.timeouts().connect;
+    let upstream_tls = worker.shared.upstream_tls.load();
     let mut tried: u64 = 0;
+    let mut sent_any = false;
+    let mut crossed = false;
+    let mut status_retries = 0u32;
     let mut last_err = String::from("no instance of the cell is available");
-    for _attempt in 0..cell.instances.len().clamp(1, 4) {
-        let Some(i) = worker.pick(table, cell_idx, tag, now, tried) else {
-            break;
+    cell.health.budget_request(now);
+    for _ in 0..MAX_ATTEMPTS {
+        let now = cellgate_health::now_ms();
+        let serving = cell.is_serving(now, p);
+        let picked = if serving || !sent_any {
+            worker.pick(table, cell_idx, tag, now, tried)
+        } else {
+            None
         };
+        if picked.is_none() {
+            // Cross to the failover cell only when nothing was sent yet (every instance
+            // refused or failed to connect), or when the cell stopped serving (drained,
+            // failed over, breaker open) after an attempt.
+            if crossed || (sent_any && serving) {
+                break;
+            }
+            let input = cellgate_routing::RouteInput {
+                key: key_for_retry.as_deref(),
+                client_ip: Some(conn.peer.ip()),
+                now_ms: now,
+                spread: fastrand::u64(..),
+                avoid: Some(cell_idx),
+                ..Default::default()
+            };
+            let Ok(d) = table.decide(&input) else { break };
+            let Some(next) = table.cell(d.cell) else {
+                break;
+            };
+            let Ok(next_h2) = h2_for(next) else { break };
+            tracing::debug!(request_id = ?request_id, from = %cell.id, to = %next.id, "retrying in the failover cell");
+            cell_idx = d.cell;
+            cell = next;
+            h2 = next_h2;
+            crossed = true;
+            tried = 0;
+            cell.health.budget_request(now);
+            if req.is_none() {
+                req = replay.as_ref().map(Replay::request);
+            }
+            if let Some(r) = req.as_mut() {
+                r.headers_mut().insert(X_CELL_ID, cell.id_header.clone());
+                shape::set_target_for(r, h2, &cell.id);
+            }
+            continue;
+        }
+        let Some(i) = picked else { break };
         tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
         let inst = &cell.instances[i];
         let rem = deadline.saturating_duration_since(Instant::now());
         if rem.is_zero() {
-            return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr()));
+            return Err((
+                ProxyError::Deadline(budget.as_millis() as u64),
+                Some(cell.id_header.clone()),
+            ));
         }
-        shape::set_remaining(req.headers_mut(), rem, grpc);
+        let Some(mut r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            break;
+        };
+        shape::set_remaining(r.headers_mut(), rem, grpc);
+        let sent_at = Instant::now();
+        inst.health.add_in_flight(1);
+        cell.health.add_in_flight(1);
         let attempt = send::send(
             &worker.pool,
             inst.addr,
             h2,
-            req,
+            r,
             connect_timeout.min(rem),
             upstream_tls.get(&cell.id),
         );
-        let outcome = match tokio::time::timeout_at(deadline, attempt).await {
+        let outcome = tokio::time::timeout_at(deadline, attempt).await;
+        inst.health.add_in_flight(-1);
+        cell.health.add_in_flight(-1);
+        let now = cellgate_health::now_ms();
+        let outcome = match outcome {
             Ok(o) => o,
-            Err(_) => return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr())),
+            Err(_) => {
+                record(cell, inst, now, Outcome::Timeout, p);
+                return Err((
+                    ProxyError::Deadline(budget.as_millis() as u64),
+                    Some(cell.id_header.clone()),
+                ));
+            }
         };
         match outcome {
             Ok(mut res) => {
                 // Phase: outcome.
-                inst.health.record_success();
+                sent_any = true;
+                inst.health
+                    .record_rtt(sent_at.elapsed().as_micros() as u64, &p.weight);
+                let status = res.status().as_u16();
+                record(
+                    cell,
+                    inst,
+                    now,
+                    if status >= 500 {
+                        Outcome::Status5xx
+                    } else {
+                        Outcome::Success
+                    },
+                    p,
+                );
+                if replay.is_some()
+                    && p.retry.statuses.contains(&status)
+                    && status_retries + 1 < p.retry.max_attempts
+                    && can_retry(cell, tried, now, p, crossed)
+                    && cell.health.try_retry(now, &p.retry)
+                {
+                    status_retries += 1;
+                    last_err = format!("upstream of cell {} answered {status}", cell.id);
+                    let backoff = p.retry.backoff.mul_f64(
+                        f64::from(1u32 << status_retries.min(6)) * (0.5 + fastrand::f64()),
+                    );
+                    if Instant::now() + backoff < deadline {
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                }
                 shape::strip_hop_by_hop(res.headers_mut(), false);
                 let h = res.headers_mut();
                 h.insert(X_CELL_ID, cell.id_header.clone());
@@ -274,37 +478,109 @@ async fn proxy(
                 return Ok(res.map(ProxyBody::Stream));
             }
             Err(AttemptError::Connect(e, back)) => {
-                if inst
-                    .health
-                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection)
-                {
-                    tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, "instance ejected after consecutive connect failures");
-                }
+                let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    Outcome::Refused
+                } else {
+                    Outcome::ConnectFailed
+                };
+                record(cell, inst, now, kind, p);
                 last_err = format!(
                     "cannot connect to an instance of cell {}: {}",
                     cell.id,
                     e.kind()
                 );
-                req = back;
+                req = Some(back);
             }
             Err(AttemptError::Upstream(e)) => {
                 // The client's own body failed (too large, malformed): its fault, not the
                 // upstream's.
                 if let Some(b) = RequestBodyError::find(&e) {
-                    return Err((b.to_proxy_error(), cell_hdr()));
+                    return Err((b.to_proxy_error(), Some(cell.id_header.clone())));
                 }
-                inst.health
-                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection);
-                let msg = if e.is_timeout() {
+                sent_any = true;
+                record(
+                    cell,
+                    inst,
+                    now,
+                    if e.is_timeout() {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::ConnectFailed
+                    },
+                    p,
+                );
+                last_err = if e.is_timeout() {
                     "upstream timed out".to_owned()
                 } else {
                     format!("upstream of cell {} failed: {}", cell.id, brief(&e))
                 };
-                return Err((ProxyError::UpstreamFailed(msg), cell_hdr()));
+                if replay.is_none()
+                    || status_retries + 1 >= p.retry.max_attempts
+                    || !can_retry(cell, tried, now, p, crossed)
+                    || !cell.health.try_retry(now, &p.retry)
+                {
+                    return Err((
+                        ProxyError::UpstreamFailed(last_err),
+                        Some(cell.id_header.clone()),
+                    ));
+                }
+                status_retries += 1;
             }
         }
     }
-    Err((ProxyError::UpstreamFailed(last_err), cell_hdr()))
+    Err((
+        ProxyError::UpstreamFailed(last_err),
+        Some(cell.id_header.clone()),
+    ))
+}
+
+/// Whether a sent request has somewhere to go again: another untried available instance of
+/// the cell, or — once — the failover cell when this cell stopped serving.
+fn can_retry(
+    cell: &cellgate_routing::Cell,
+    tried: u64,
+    now: u64,
+    p: &cellgate_health::HealthPolicy,
+    crossed: bool,
+) -> bool {
+    let untried =
+        cell.instances.iter().enumerate().any(|(i, inst)| {
+            (i >= 64 || tried & (1u64 << i) == 0) && inst.health.is_available(now, p)
+        });
+    untried || (!crossed && !cell.is_serving(now, p))
+}
+
+/// Attempts per request at most, across instances and cells (connect failures included).
+const MAX_ATTEMPTS: usize = 8;
+
+/// Phase *outcome*: feed an attempt's outcome to the instance's and the cell's health.
+fn record(
+    cell: &cellgate_routing::Cell,
+    inst: &cellgate_routing::Instance,
+    now: u64,
+    outcome: Outcome,
+    p: &cellgate_health::HealthPolicy,
+) {
+    let ejected = if outcome.is_failure() {
+        cell.instances
+            .iter()
+            .filter(|i| i.health.is_ejected(now))
+            .count()
+    } else {
+        0
+    };
+    let r = inst
+        .health
+        .record(now, outcome, p, ejected, cell.instances.len());
+    if r.ejected {
+        tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, ?outcome, "instance ejected");
+    }
+    if let Some(b) = r.breaker {
+        tracing::warn!(cell = %cell.id, instance = %inst.name, state = b.as_str(), "instance breaker changed state");
+    }
+    if let Some(b) = cell.health.record(now, outcome.is_failure(), p) {
+        tracing::warn!(cell = %cell.id, state = b.as_str(), "cell breaker changed state");
+    }
 }
 
 /// A short, internals-free description of an upstream error.

@@ -15,6 +15,8 @@ pub struct Routed {
     pub decision: Decision,
     /// The gray tag, if any (as sent upstream).
     pub gray: Option<HeaderValue>,
+    /// The routing key, kept for a retry in another cell.
+    pub key: Option<String>,
 }
 
 impl Routed {
@@ -53,6 +55,7 @@ pub fn route(
         forced_cell,
         now_ms,
         spread: if key.is_none() { fastrand::u64(..) } else { 0 },
+        avoid: None,
     };
     let decision = table.decide(&input).map_err(|e| match e {
         DecideError::MissingKey => ProxyError::BadRequest(
@@ -66,7 +69,12 @@ pub fn route(
             .gray_rule(key.as_deref(), decision.cell, headers)
             .map(|r| r.tag_header.clone()),
     };
-    Ok(Routed { decision, gray })
+    let key = key.map(std::borrow::Cow::into_owned);
+    Ok(Routed {
+        decision,
+        gray,
+        key,
+    })
 }
 
 /// The gray tag as text, for instance selection.

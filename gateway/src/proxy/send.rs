@@ -11,11 +11,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
+
+use super::body::ProxyBody;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::body::RequestBody;
 use super::connect;
 use crate::server::LocalExec;
 use crate::tls::UpstreamTls;
@@ -28,7 +29,7 @@ const MAX_IDLE_PER_ADDR: usize = 512;
 #[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
 pub enum AttemptError {
     /// The connection could not be made; the request is handed back untouched.
-    Connect(std::io::Error, Request<RequestBody>),
+    Connect(std::io::Error, Request<ProxyBody>),
     /// The request was (maybe) written and failed; it cannot be retried.
     Upstream(hyper::Error),
 }
@@ -36,8 +37,8 @@ pub enum AttemptError {
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<RequestBody>>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<RequestBody>>,
+    h1: HashMap<SocketAddr, Vec<http1::SendRequest<ProxyBody>>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -54,7 +55,7 @@ pub async fn send(
     pool: &Rc<RefCell<Pool>>,
     addr: SocketAddr,
     h2: bool,
-    mut req: Request<RequestBody>,
+    mut req: Request<ProxyBody>,
     connect_timeout: Duration,
     tls: Option<&UpstreamTls>,
 ) -> Result<Response<Incoming>, AttemptError> {
@@ -150,11 +151,7 @@ pub async fn send(
 }
 
 /// Return an HTTP/1.1 sender to the pool once its response body is done.
-fn recycle(
-    pool: &Rc<RefCell<Pool>>,
-    addr: SocketAddr,
-    mut sender: http1::SendRequest<RequestBody>,
-) {
+fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<ProxyBody>) {
     let pool = Rc::clone(pool);
     tokio::task::spawn_local(async move {
         if sender.ready().await.is_ok() {

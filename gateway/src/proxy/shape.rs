@@ -120,6 +120,13 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
     }
 }
 
+/// Re-target a request at another cell's protocol (a retry that crossed cells).
+pub fn set_target_for<B>(req: &mut http::Request<B>, h2: bool, fallback_authority: &str) {
+    let mut uri = std::mem::take(req.uri_mut());
+    set_target(&mut uri, req.headers_mut(), h2, fallback_authority);
+    *req.uri_mut() = uri;
+}
+
 /// Write the remaining budget (`X-Timeout`, and `grpc-timeout` for gRPC).
 pub fn set_remaining(headers: &mut HeaderMap, rem: Duration, grpc: bool) {
     headers.insert(X_TIMEOUT, remaining_x_timeout(rem));

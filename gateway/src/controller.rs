@@ -1,0 +1,128 @@
+//! The health controller: the one background loop that turns health state into routing.
+//! Every tick it publishes effective instance weights in a new table snapshot (same
+//! version), evaluates each cell's failover machine and, on a transition, builds a new table
+//! version with the cell `failed_over` (or back to `active`) and swaps it in, logging the
+//! switch with its reason and duration. It also keeps one probe task per cell running.
+//! Runs off the request path; never blocks a worker.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cellgate_health::{now_ms, CellSignals, Transition};
+use cellgate_routing::{CellState, RoutingTable};
+use tokio::task::JoinHandle;
+
+use crate::server::{Shared, SwitchEvent};
+
+/// Run until the runtime stops.
+pub async fn run(shared: Arc<Shared>, tick: Duration) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probes: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
+    loop {
+        interval.tick().await;
+        let table = shared.table.load_full();
+        ensure_probes(&shared, &table, &mut probes);
+        step(&shared).await;
+    }
+}
+
+fn ensure_probes(
+    shared: &Arc<Shared>,
+    table: &RoutingTable,
+    probes: &mut HashMap<Arc<str>, JoinHandle<()>>,
+) {
+    probes.retain(|_, h| !h.is_finished());
+    for cell in table.cells() {
+        if !probes.contains_key(&cell.id) {
+            let h = tokio::spawn(crate::probe::probe_cell(
+                Arc::clone(shared),
+                Arc::clone(&cell.id),
+            ));
+            probes.insert(Arc::clone(&cell.id), h);
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One controller round: failover transitions first (they rebuild the table), then weights.
+pub async fn step(shared: &Arc<Shared>) {
+    let detected = Instant::now();
+    let now = now_ms();
+    let table = shared.table.load_full();
+    let p = table.health_policy();
+    let mut transitions = Vec::new();
+    for cell in table.cells() {
+        if cell.configured_state != CellState::Active {
+            continue;
+        }
+        let signals = CellSignals {
+            all_down: !cell.instances.iter().any(|i| i.health.is_available(now, p)),
+            probes_healthy: cell.instances.iter().any(|i| {
+                i.health.is_probe_up()
+                    && i.health.probe_streak() >= i64::from(p.failover.recover_probes)
+            }),
+        };
+        tracing::trace!(cell = %cell.id, window = ?cell.health.window(now), ?signals, "evaluate");
+        if let Some(t) = cell.health.evaluate(now, signals, &p.failover) {
+            transitions.push((Arc::clone(&cell.id), t));
+        }
+    }
+    let writer = shared.writer.lock().await;
+    if !transitions.is_empty() {
+        match shared.rebuild(&writer) {
+            Ok(version) => {
+                let switch_ms = detected.elapsed().as_secs_f64() * 1000.0;
+                for (cell, t) in transitions {
+                    let (action, reason, failed_over_ms) = match t {
+                        Transition::FailedOver { reason } => {
+                            tracing::warn!(cell = %cell, %reason, version, switch_ms, "cell failed over");
+                            ("failed_over", reason, None)
+                        }
+                        Transition::Returned { after_ms } => {
+                            tracing::warn!(cell = %cell, failed_over_ms = after_ms, version, switch_ms, "cell returned to service");
+                            (
+                                "returned",
+                                "recovered: probes healthy after the dwell time".to_owned(),
+                                Some(after_ms),
+                            )
+                        }
+                    };
+                    shared.push_switch(SwitchEvent {
+                        at_unix_ms: unix_ms(),
+                        cell: cell.to_string(),
+                        action,
+                        reason,
+                        switch_ms,
+                        failed_over_ms,
+                        table_version: version,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot rebuild the routing table for a health transition")
+            }
+        }
+    }
+    // Weights: publish when any changed by more than 1 %.
+    let current = shared.table.load_full();
+    let p = current.health_policy();
+    let mut changed = false;
+    let next = current.with_weights(|_, inst| {
+        let w = (inst.health.effective_weight(inst.weight, now, p) * 100.0).round() as u32;
+        if w.abs_diff(inst.effective) * 100 > inst.effective.max(1) {
+            changed = true;
+        }
+        w
+    });
+    if changed {
+        shared.table.store(Arc::new(next));
+    }
+    drop(writer);
+}
