@@ -510,9 +510,10 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_the_gateway_keeps_serving() {
         other => panic!("connection not ended by the gateway after {opened} resets: {other:?}"),
     };
     assert!(opened < 5000, "all {opened} resets accepted");
-    assert_eq!(
-        err.reason(),
-        Some(h2::Reason::ENHANCE_YOUR_CALM),
+    // GOAWAY(ENHANCE_YOUR_CALM), or — when the client was still writing as the gateway
+    // closed — the broken connection itself.
+    assert!(
+        err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
         "after {opened} resets: {err:?}"
     );
     still_serves(addr).await;
