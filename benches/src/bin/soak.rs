@@ -1,0 +1,609 @@
+//! Soak: the `cellgate` binary under mixed traffic for a long time (default 30 minutes),
+//! with periodic configuration reloads, certificate reloads and upstream faults, sampling
+//! the gateway's resident memory (RSS) and open file descriptors. Prints the figures at
+//! start, after warm-up and at the end, and fails (exit 1) when the end is more than 10 %
+//! above the after-warm-up figures.
+//!
+//! ```sh
+//! benches/soak/run.sh                 # release build, then 30 minutes
+//! SOAK_SECS=120 benches/soak/run.sh   # a short run
+//! ```
+//!
+//! Environment: `SOAK_SECS` (default 1800), `SOAK_WARMUP_SECS` (default a sixth of the run,
+//! at most 300), `CELLGATE_BIN` (default: `cellgate` beside this binary). Traffic goes to
+//! loopback only; every loop stops at the deadline.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    gateway_4xx: AtomicU64,
+    gateway_5xx: AtomicU64,
+    transport_errors: AtomicU64,
+    bad_input_sent: AtomicU64,
+    reloads: AtomicU64,
+    cert_reloads: AtomicU64,
+    faults: AtomicU64,
+}
+
+impl Counts {
+    fn record(&self, status: Option<u16>) {
+        match status {
+            Some(200..=399) => &self.ok,
+            Some(400..=499) => &self.gateway_4xx,
+            Some(_) => &self.gateway_5xx,
+            None => &self.transport_errors,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    t: Duration,
+    rss_kb: u64,
+    fds: u64,
+    requests: u64,
+}
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn fd_count(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let tmp = dir.join("tmp.pem");
+    std::fs::write(&tmp, c.cert.pem()).expect("write cert");
+    std::fs::rename(&tmp, &cert).expect("rename cert");
+    std::fs::write(&tmp, c.signing_key.serialize_pem()).expect("write key");
+    std::fs::rename(&tmp, &key).expect("rename key");
+    (cert, key)
+}
+
+fn config(ups: &[SocketAddr], cert: &Path, key: &Path, weight: u32) -> String {
+    format!(
+        "listen:
+  http: 127.0.0.1:0
+  tls: {{ listen: \"127.0.0.1:0\", cert: {cert}, key: {key} }}
+regions: [r1]
+cells:
+  - id: a
+    region: r1
+    failover: [b]
+    weight: {weight}
+    instances:
+      - {{ name: a-1, addr: \"{a1}\" }}
+      - {{ name: a-2, addr: \"{a2}\" }}
+  - id: b
+    region: r1
+    failover: [a]
+    instances:
+      - {{ name: b-1, addr: \"{b1}\" }}
+limits: {{ max_body_bytes: 65536, header_read_timeout: 2s, idle_timeout: 10s }}
+shutdown: {{ grace: 5s }}
+",
+        cert = cert.display(),
+        key = key.display(),
+        a1 = ups[0],
+        a2 = ups[1],
+        b1 = ups[2],
+    )
+}
+
+/// Start the gateway binary; its proxy and TLS addresses.
+fn start_gateway(bin: &Path, cfg: &Path) -> (Child, SocketAddr, SocketAddr) {
+    let mut child = Command::new(bin)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(cfg)
+        .args(["--listen", "127.0.0.1:0", "--workers", "2"])
+        .env("CELLGATE_LOG", "warn,cellgate=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "listening" {
+                    let _ = tx.send((
+                        v["listener"].as_str().unwrap_or("").to_owned(),
+                        v["addr"].as_str().unwrap_or("").to_owned(),
+                    ));
+                } else if v["level"] == "ERROR" {
+                    eprintln!("gateway: {line}");
+                }
+            }
+        }
+    });
+    let (mut http, mut tls) = (None, None);
+    while http.is_none() || tls.is_none() {
+        let (l, a) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gateway did not start listening");
+        let a: SocketAddr = a.parse().expect("listening address");
+        match l.as_str() {
+            "proxy" => http = Some(a),
+            "tls" => tls = Some(a),
+            _ => {}
+        }
+    }
+    (child, http.expect("proxy"), tls.expect("tls"))
+}
+
+async fn h1_keepalive(addr: SocketAddr, n: usize, end: Instant, c: Arc<Counts>) {
+    let mut i = 0usize;
+    while Instant::now() < end {
+        let Ok(s) = TcpStream::connect(addr).await else {
+            c.record(None);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        while Instant::now() < end && tx.ready().await.is_ok() {
+            i += 1;
+            let body = if i.is_multiple_of(7) {
+                Bytes::from(vec![b'x'; (i * 37) % 40_000])
+            } else {
+                Bytes::new()
+            };
+            let req = http::Request::post(format!("/soak/{n}/{i}"))
+                .header("host", "soak")
+                .header("x-user-id", format!("user-{n}-{}", i % 500))
+                .body(Full::new(body))
+                .expect("request");
+            match tx.send_request(req).await {
+                Ok(res) => {
+                    let st = res.status().as_u16();
+                    let _ = res.into_body().collect().await;
+                    c.record(Some(st));
+                }
+                Err(_) => {
+                    c.record(None);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn h1_new_connections(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
+    let mut i = 0u64;
+    while Instant::now() < end {
+        i += 1;
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            c.record(None);
+            continue;
+        };
+        let req = format!(
+            "GET /new/{i} HTTP/1.1\r\nHost: soak\r\nX-User-ID: fresh-{}\r\nConnection: close\r\n\r\n",
+            i % 1000
+        );
+        if s.write_all(req.as_bytes()).await.is_err() {
+            c.record(None);
+            continue;
+        }
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        let status = std::str::from_utf8(buf.get(9..12).unwrap_or_default())
+            .ok()
+            .and_then(|s| s.parse().ok());
+        c.record(if matches!(r, Ok(Ok(_))) { status } else { None });
+    }
+}
+
+async fn h2c(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
+    while Instant::now() < end {
+        let Ok(s) = TcpStream::connect(addr).await else {
+            c.record(None);
+            continue;
+        };
+        let Ok((tx, conn)) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        // A few thousand streams per connection, 8 at a time, then a new connection.
+        for round in 0..400u64 {
+            if Instant::now() >= end {
+                break;
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for k in 0..8u64 {
+                let mut tx = tx.clone();
+                set.spawn(async move {
+                    let req = http::Request::get(format!("http://soak/h2/{round}/{k}"))
+                        .header("x-user-id", format!("h2-{}", (round * 8 + k) % 300))
+                        .body(Full::new(Bytes::new()))
+                        .expect("request");
+                    match tx.send_request(req).await {
+                        Ok(res) => {
+                            let st = res.status().as_u16();
+                            let _ = res.into_body().collect().await;
+                            Some(st)
+                        }
+                        Err(_) => None,
+                    }
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                c.record(r.ok().flatten());
+            }
+        }
+    }
+}
+
+async fn tls_clients(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let mut i = 0u64;
+    while Instant::now() < end {
+        let Ok(tcp) = TcpStream::connect(addr).await else {
+            c.record(None);
+            continue;
+        };
+        let Ok(tls) = connector
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+        else {
+            c.record(None);
+            continue;
+        };
+        let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        for _ in 0..10 {
+            i += 1;
+            if tx.ready().await.is_err() {
+                break;
+            }
+            let req = http::Request::get(format!("/tls/{i}"))
+                .header("host", "localhost")
+                .header("x-user-id", format!("tls-{}", i % 200))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            match tx.send_request(req).await {
+                Ok(res) => {
+                    let st = res.status().as_u16();
+                    let _ = res.into_body().collect().await;
+                    c.record(Some(st));
+                }
+                Err(_) => c.record(None),
+            }
+        }
+    }
+}
+
+/// Bad input, a few per second: smuggling attempts, oversized heads and bodies, bad keys,
+/// abandoned slow heads.
+async fn bad_input(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let cases: Vec<Vec<u8>> = vec![
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-User-ID: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-User-ID: a\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello".to_vec(),
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-User-ID: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        b"GET / HTTP/1.1\nHost: x\n\n".to_vec(),
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-User-ID: a\r\nContent-Length: 999999\r\n\r\n".to_vec(),
+        format!("GET / HTTP/1.1\r\nHost: x\r\nX-User-ID: {}\r\n\r\n", "k".repeat(300)).into_bytes(),
+        big.into_bytes(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ".to_vec(),
+    ];
+    let mut i = 0usize;
+    while Instant::now() < end {
+        let case = &cases[i % cases.len()];
+        i += 1;
+        if let Ok(mut s) = TcpStream::connect(addr).await {
+            let _ = s.write_all(case).await;
+            let mut buf = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+            c.bad_input_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn post_fault(addr: SocketAddr, body: &str) {
+    let Ok(s) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
+        return;
+    };
+    tokio::spawn(conn);
+    if let Ok(req) = http::Request::post("/fault")
+        .header("host", "u")
+        .body(Full::new(Bytes::from(body.to_owned())))
+    {
+        let _ = tx.send_request(req).await;
+    }
+}
+
+/// Every `period`: a configuration reload, a certificate reload, and a fault on one
+/// upstream (cleared at the next event).
+async fn events(
+    ups: Vec<SocketAddr>,
+    dir: PathBuf,
+    period: Duration,
+    end: Instant,
+    c: Arc<Counts>,
+) {
+    let faults = [
+        r#"{"error_rate": 0.05, "status": 503}"#,
+        r#"{"delay_ms": 30}"#,
+        r#"{"refuse_for_s": 2}"#,
+        r#"{"db_pool_usage": 0.95}"#,
+    ];
+    let mut n = 0usize;
+    while Instant::now() + period < end {
+        tokio::time::sleep(period).await;
+        n += 1;
+        let (cert, key) = self_signed(&dir);
+        c.cert_reloads.fetch_add(1, Ordering::Relaxed);
+        let yaml = config(&ups, &cert, &key, 100 + (n as u32 % 5) * 10);
+        let tmp = dir.join("c.yaml.tmp");
+        if std::fs::write(&tmp, yaml).is_ok() && std::fs::rename(&tmp, dir.join("c.yaml")).is_ok() {
+            c.reloads.fetch_add(1, Ordering::Relaxed);
+        }
+        for u in &ups {
+            post_fault(*u, "{}").await;
+        }
+        post_fault(ups[n % ups.len()], faults[n % faults.len()]).await;
+        c.faults.fetch_add(1, Ordering::Relaxed);
+    }
+    for u in &ups {
+        post_fault(*u, "{}").await;
+    }
+}
+
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn median3(s: &[Sample]) -> (u64, u64) {
+    let mut r: Vec<u64> = s.iter().map(|x| x.rss_kb).collect();
+    let mut f: Vec<u64> = s.iter().map(|x| x.fds).collect();
+    r.sort_unstable();
+    f.sort_unstable();
+    (r[r.len() / 2], f[f.len() / 2])
+}
+
+fn main() {
+    let secs = env_secs("SOAK_SECS", 1800).max(30);
+    let warmup = env_secs("SOAK_WARMUP_SECS", (secs / 6).min(300)).min(secs / 2);
+    let sample_every = Duration::from_secs((secs / 60).clamp(1, 10));
+    let event_every = Duration::from_secs((secs / 30).clamp(2, 20));
+    let bin = std::env::var_os("CELLGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("cellgate")))
+                .unwrap_or_else(|| PathBuf::from("cellgate"))
+        });
+    let dir = std::env::temp_dir().join(format!("cellgate-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let ups: Vec<SocketAddr> = [("a", "a-1"), ("a", "a-2"), ("b", "b-1")]
+        .iter()
+        .map(|(cell, name)| {
+            let l = rt.block_on(async { cellgate::demo::upstream::bind("127.0.0.1:0") });
+            let l = l.expect("bind upstream");
+            let addr = l.local_addr().expect("addr");
+            let (c, n) = ((*cell).to_owned(), (*name).to_owned());
+            rt.spawn(async move {
+                let _ = cellgate::demo::upstream::serve(l, c, n).await;
+            });
+            addr
+        })
+        .collect();
+    let (cert, key) = self_signed(&dir);
+    std::fs::write(dir.join("c.yaml"), config(&ups, &cert, &key, 100)).expect("config");
+    let (mut child, http, tls) = start_gateway(&bin, &dir.join("c.yaml"));
+    let pid = child.id();
+    println!(
+        "soak: {} for {secs} s (warm-up {warmup} s), gateway pid {pid} on {http} and {tls}, sampling every {:?}",
+        bin.display(),
+        sample_every
+    );
+
+    let counts = Arc::new(Counts::default());
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for n in 0..4 {
+            tasks.push(tokio::spawn(h1_keepalive(
+                http,
+                n,
+                end,
+                Arc::clone(&counts),
+            )));
+        }
+        tasks.push(tokio::spawn(h1_new_connections(
+            http,
+            end,
+            Arc::clone(&counts),
+        )));
+        tasks.push(tokio::spawn(h2c(http, end, Arc::clone(&counts))));
+        tasks.push(tokio::spawn(tls_clients(tls, end, Arc::clone(&counts))));
+        tasks.push(tokio::spawn(bad_input(http, end, Arc::clone(&counts))));
+        tasks.push(tokio::spawn(events(
+            ups.clone(),
+            dir.clone(),
+            event_every,
+            end,
+            Arc::clone(&counts),
+        )));
+        let (s2, c2, st2) = (Arc::clone(&samples), Arc::clone(&counts), Arc::clone(&stop));
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sample_every);
+            while !st2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let s = Sample {
+                    t: start.elapsed(),
+                    rss_kb: rss_kb(pid),
+                    fds: fd_count(pid),
+                    requests: c2.ok.load(Ordering::Relaxed)
+                        + c2.gateway_4xx.load(Ordering::Relaxed)
+                        + c2.gateway_5xx.load(Ordering::Relaxed),
+                };
+                println!(
+                    "  t={:>5}s rss={:>7} KiB fds={:>4} requests={}",
+                    s.t.as_secs(),
+                    s.rss_kb,
+                    s.fds,
+                    s.requests
+                );
+                s2.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+            }
+        });
+        for t in tasks {
+            let _ = t.await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let _ = sampler.await;
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if samples.len() < 6 {
+        eprintln!("soak: too few samples ({})", samples.len());
+        std::process::exit(2);
+    }
+    let w = samples
+        .iter()
+        .position(|s| s.t >= Duration::from_secs(warmup))
+        .unwrap_or(samples.len() / 2)
+        .clamp(1, samples.len() - 4);
+    let (r0, f0) = (samples[0].rss_kb, samples[0].fds);
+    let (rw, fw) = median3(&samples[w - 1..=w + 1]);
+    let (re, fe) = median3(&samples[samples.len() - 3..]);
+    let c = &counts;
+    println!("\nsoak results ({secs} s, gateway pid {pid}):");
+    println!("  start:          rss {r0} KiB, fds {f0}");
+    println!("  after warm-up:  rss {rw} KiB, fds {fw}   (median of samples around t={warmup} s)");
+    println!("  end:            rss {re} KiB, fds {fe}   (median of the last 3 samples)");
+    let pct = |a: u64, b: u64| 100.0 * (a as f64 - b as f64) / (b.max(1) as f64);
+    println!(
+        "  end vs warm-up: rss {:+.1} %, fds {:+.1} %",
+        pct(re, rw),
+        pct(fe, fw)
+    );
+    println!(
+        "  requests: {} ok, {} 4xx, {} 5xx, {} transport errors; {} bad-input connections; {} config reloads, {} certificate reloads, {} faults",
+        c.ok.load(Ordering::Relaxed),
+        c.gateway_4xx.load(Ordering::Relaxed),
+        c.gateway_5xx.load(Ordering::Relaxed),
+        c.transport_errors.load(Ordering::Relaxed),
+        c.bad_input_sent.load(Ordering::Relaxed),
+        c.reloads.load(Ordering::Relaxed),
+        c.cert_reloads.load(Ordering::Relaxed),
+        c.faults.load(Ordering::Relaxed),
+    );
+    let ok = re as f64 <= rw as f64 * 1.10 && fe as f64 <= fw as f64 * 1.10;
+    println!(
+        "  verdict: {}",
+        if ok {
+            "PASS (end within 10 % of after-warm-up)"
+        } else {
+            "FAIL (end more than 10 % above after-warm-up)"
+        }
+    );
+    if !ok {
+        std::process::exit(1);
+    }
+}
