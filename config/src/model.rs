@@ -402,7 +402,7 @@ pub struct HeaderMatch {
 pub struct Limits {
     /// Bytes of request line plus headers (default 32768). HTTP/1: past it hyper answers
     /// `431` and closes the connection. HTTP/2: the `SETTINGS_MAX_HEADER_LIST_SIZE` the
-    /// gateway announces; a larger header block is refused by the HTTP/2 codec.
+    /// gateway announces; a larger header block gets `431` from the HTTP/2 codec.
     pub max_header_bytes: usize,
     /// Number of request headers (default 100). HTTP/1: past it hyper answers `431` and
     /// closes the connection; HTTP/2: JSON `431`.

@@ -150,6 +150,17 @@ async fn oversized_heads_get_431_or_414_and_the_gateway_keeps_serving() {
         serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert!(body["error"].as_str().unwrap().contains("the limit is 20"));
 
+    // HTTP/2: a header block past max_header_bytes is refused by the codec with a 431.
+    let req = Request::get("http://gateway.test/")
+        .header("x-user-id", "alice")
+        .header("x-big", "b".repeat(5000))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    match tx.send_request(req).await {
+        Ok(res) => assert_eq!(res.status(), 431),
+        Err(e) => panic!("oversized HTTP/2 header block: {e}"),
+    }
+
     still_serves(addr).await;
 }
 
