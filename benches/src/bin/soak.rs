@@ -2,7 +2,8 @@
 //! with periodic configuration reloads, certificate reloads and upstream faults, sampling
 //! the gateway's resident memory (RSS) and open file descriptors. Prints the figures at
 //! start, after warm-up and at the end, and fails (exit 1) when the end is more than 10 %
-//! above the after-warm-up figures.
+//! above the after-warm-up figures. Those two are measured in windows of steady traffic
+//! (faults cleared, no reload), so they compare like with like.
 //!
 //! ```sh
 //! benches/soak/run.sh                 # release build, then 30 minutes
@@ -27,12 +28,25 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Client kinds, for the per-kind counts.
+const KINDS: [&str; 4] = [
+    "http/1.1 kept alive",
+    "http/1.1 new connections",
+    "h2c",
+    "tls",
+];
+
+#[derive(Default)]
+struct ByKind {
+    ok: AtomicU64,
+    c4xx: AtomicU64,
+    c5xx: AtomicU64,
+    transport: AtomicU64,
+}
+
 #[derive(Default)]
 struct Counts {
-    ok: AtomicU64,
-    gateway_4xx: AtomicU64,
-    gateway_5xx: AtomicU64,
-    transport_errors: AtomicU64,
+    kinds: [ByKind; 4],
     bad_input_sent: AtomicU64,
     reloads: AtomicU64,
     cert_reloads: AtomicU64,
@@ -40,14 +54,26 @@ struct Counts {
 }
 
 impl Counts {
-    fn record(&self, status: Option<u16>) {
+    fn record(&self, kind: usize, status: Option<u16>) {
+        let k = &self.kinds[kind];
         match status {
-            Some(200..=399) => &self.ok,
-            Some(400..=499) => &self.gateway_4xx,
-            Some(_) => &self.gateway_5xx,
-            None => &self.transport_errors,
+            Some(200..=399) => &k.ok,
+            Some(400..=499) => &k.c4xx,
+            Some(_) => &k.c5xx,
+            None => &k.transport,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn answered(&self) -> u64 {
+        self.kinds
+            .iter()
+            .map(|k| {
+                k.ok.load(Ordering::Relaxed)
+                    + k.c4xx.load(Ordering::Relaxed)
+                    + k.c5xx.load(Ordering::Relaxed)
+            })
+            .sum()
     }
 }
 
@@ -170,7 +196,7 @@ async fn h1_keepalive(addr: SocketAddr, n: usize, end: Instant, c: Arc<Counts>) 
     let mut i = 0usize;
     while Instant::now() < end {
         let Ok(s) = TcpStream::connect(addr).await else {
-            c.record(None);
+            c.record(0, None);
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -195,10 +221,10 @@ async fn h1_keepalive(addr: SocketAddr, n: usize, end: Instant, c: Arc<Counts>) 
                 Ok(res) => {
                     let st = res.status().as_u16();
                     let _ = res.into_body().collect().await;
-                    c.record(Some(st));
+                    c.record(0, Some(st));
                 }
                 Err(_) => {
-                    c.record(None);
+                    c.record(0, None);
                     break;
                 }
             }
@@ -211,7 +237,7 @@ async fn h1_new_connections(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
     while Instant::now() < end {
         i += 1;
         let Ok(mut s) = TcpStream::connect(addr).await else {
-            c.record(None);
+            c.record(1, None);
             continue;
         };
         let req = format!(
@@ -219,7 +245,7 @@ async fn h1_new_connections(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
             i % 1000
         );
         if s.write_all(req.as_bytes()).await.is_err() {
-            c.record(None);
+            c.record(1, None);
             continue;
         }
         let mut buf = Vec::new();
@@ -227,14 +253,14 @@ async fn h1_new_connections(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
         let status = std::str::from_utf8(buf.get(9..12).unwrap_or_default())
             .ok()
             .and_then(|s| s.parse().ok());
-        c.record(if matches!(r, Ok(Ok(_))) { status } else { None });
+        c.record(1, if matches!(r, Ok(Ok(_))) { status } else { None });
     }
 }
 
 async fn h2c(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
     while Instant::now() < end {
         let Ok(s) = TcpStream::connect(addr).await else {
-            c.record(None);
+            c.record(2, None);
             continue;
         };
         let Ok((tx, conn)) =
@@ -267,7 +293,7 @@ async fn h2c(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
                 });
             }
             while let Some(r) = set.join_next().await {
-                c.record(r.ok().flatten());
+                c.record(2, r.ok().flatten());
             }
         }
     }
@@ -286,14 +312,14 @@ async fn tls_clients(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
     let mut i = 0u64;
     while Instant::now() < end {
         let Ok(tcp) = TcpStream::connect(addr).await else {
-            c.record(None);
+            c.record(3, None);
             continue;
         };
         let Ok(tls) = connector
             .connect("localhost".try_into().expect("name"), tcp)
             .await
         else {
-            c.record(None);
+            c.record(3, None);
             continue;
         };
         let Ok((mut tx, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
@@ -315,9 +341,9 @@ async fn tls_clients(addr: SocketAddr, end: Instant, c: Arc<Counts>) {
                 Ok(res) => {
                     let st = res.status().as_u16();
                     let _ = res.into_body().collect().await;
-                    c.record(Some(st));
+                    c.record(3, Some(st));
                 }
-                Err(_) => c.record(None),
+                Err(_) => c.record(3, None),
             }
         }
     }
@@ -371,12 +397,14 @@ async fn post_fault(addr: SocketAddr, body: &str) {
 }
 
 /// Every `period`: a configuration reload, a certificate reload, and a fault on one
-/// upstream (cleared at the next event).
+/// upstream (cleared at the next event); outside the `quiet` windows, where the figures are
+/// measured under steady traffic.
 async fn events(
     ups: Vec<SocketAddr>,
     dir: PathBuf,
     period: Duration,
     end: Instant,
+    quiet: Vec<(Instant, Instant)>,
     c: Arc<Counts>,
 ) {
     let faults = [
@@ -388,6 +416,17 @@ async fn events(
     let mut n = 0usize;
     while Instant::now() + period < end {
         tokio::time::sleep(period).await;
+        let now = Instant::now();
+        if quiet
+            .iter()
+            .any(|&(from, to)| now + period > from && now < to)
+        {
+            // Measuring window: steady traffic only, no fault in place.
+            for u in &ups {
+                post_fault(*u, "{}").await;
+            }
+            continue;
+        }
         n += 1;
         let (cert, key) = self_signed(&dir);
         c.cert_reloads.fetch_add(1, Ordering::Relaxed);
@@ -444,7 +483,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-fn median3(s: &[Sample]) -> (u64, u64) {
+fn median(s: &[Sample]) -> (u64, u64) {
     let mut r: Vec<u64> = s.iter().map(|x| x.rss_kb).collect();
     let mut f: Vec<u64> = s.iter().map(|x| x.fds).collect();
     r.sort_unstable();
@@ -499,6 +538,11 @@ fn main() {
     let counts = Arc::new(Counts::default());
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
+    // The figures are measured in two windows of steady traffic (faults cleared): right
+    // after the warm-up, and at the end.
+    let q = sample_every * 4;
+    let w0 = start + Duration::from_secs(warmup);
+    let quiet = vec![(w0, w0 + q), (end - q, end)];
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     rt.block_on(async {
@@ -524,6 +568,7 @@ fn main() {
             dir.clone(),
             event_every,
             end,
+            quiet.clone(),
             Arc::clone(&counts),
         )));
         let (s2, c2, st2) = (Arc::clone(&samples), Arc::clone(&counts), Arc::clone(&stop));
@@ -535,9 +580,7 @@ fn main() {
                     t: start.elapsed(),
                     rss_kb: rss_kb(pid),
                     fds: fd_count(pid),
-                    requests: c2.ok.load(Ordering::Relaxed)
-                        + c2.gateway_4xx.load(Ordering::Relaxed)
-                        + c2.gateway_5xx.load(Ordering::Relaxed),
+                    requests: c2.answered(),
                 };
                 println!(
                     "  t={:>5}s rss={:>7} KiB fds={:>4} requests={}",
@@ -564,31 +607,53 @@ fn main() {
         eprintln!("soak: too few samples ({})", samples.len());
         std::process::exit(2);
     }
-    let w = samples
-        .iter()
-        .position(|s| s.t >= Duration::from_secs(warmup))
-        .unwrap_or(samples.len() / 2)
-        .clamp(1, samples.len() - 4);
+    // The second half of each measuring window, after things settle.
+    let in_window = |from: Duration, to: Duration| -> Vec<Sample> {
+        samples
+            .iter()
+            .filter(|s| s.t >= from && s.t < to)
+            .copied()
+            .collect()
+    };
+    let wq = Duration::from_secs(warmup) + q / 2;
+    let warm = in_window(wq, Duration::from_secs(warmup) + q);
+    let last = in_window(Duration::from_secs(secs) - q / 2, Duration::from_secs(secs));
+    if warm.is_empty() || last.is_empty() {
+        eprintln!("soak: no samples in a measuring window");
+        std::process::exit(2);
+    }
     let (r0, f0) = (samples[0].rss_kb, samples[0].fds);
-    let (rw, fw) = median3(&samples[w - 1..=w + 1]);
-    let (re, fe) = median3(&samples[samples.len() - 3..]);
+    let (rw, fw) = median(&warm);
+    let (re, fe) = median(&last);
     let c = &counts;
     println!("\nsoak results ({secs} s, gateway pid {pid}):");
     println!("  start:          rss {r0} KiB, fds {f0}");
-    println!("  after warm-up:  rss {rw} KiB, fds {fw}   (median of samples around t={warmup} s)");
-    println!("  end:            rss {re} KiB, fds {fe}   (median of the last 3 samples)");
+    println!(
+        "  after warm-up:  rss {rw} KiB, fds {fw}   (median of {} samples from t={} s, steady traffic)",
+        warm.len(),
+        wq.as_secs()
+    );
+    println!(
+        "  end:            rss {re} KiB, fds {fe}   (median of the last {} samples, steady traffic)",
+        last.len()
+    );
     let pct = |a: u64, b: u64| 100.0 * (a as f64 - b as f64) / (b.max(1) as f64);
     println!(
         "  end vs warm-up: rss {:+.1} %, fds {:+.1} %",
         pct(re, rw),
         pct(fe, fw)
     );
+    for (name, k) in KINDS.iter().zip(&c.kinds) {
+        println!(
+            "  {name:<26} {:>9} ok {:>7} 4xx {:>8} 5xx {:>6} transport errors",
+            k.ok.load(Ordering::Relaxed),
+            k.c4xx.load(Ordering::Relaxed),
+            k.c5xx.load(Ordering::Relaxed),
+            k.transport.load(Ordering::Relaxed),
+        );
+    }
     println!(
-        "  requests: {} ok, {} 4xx, {} 5xx, {} transport errors; {} bad-input connections; {} config reloads, {} certificate reloads, {} faults",
-        c.ok.load(Ordering::Relaxed),
-        c.gateway_4xx.load(Ordering::Relaxed),
-        c.gateway_5xx.load(Ordering::Relaxed),
-        c.transport_errors.load(Ordering::Relaxed),
+        "  {} bad-input connections; {} config reloads, {} certificate reloads, {} faults",
         c.bad_input_sent.load(Ordering::Relaxed),
         c.reloads.load(Ordering::Relaxed),
         c.cert_reloads.load(Ordering::Relaxed),
