@@ -349,6 +349,8 @@ async fn proxy(
     let connect_timeout = table.timeouts().connect;
     let mut tried: u64 = 0;
     let mut sent_any = false;
+    // Whether the current cell answered this request with an HTTP response.
+    let mut answered = false;
     let mut crossed = false;
     let mut status_retries = 0u32;
     let mut last_err = String::from("no instance of the cell is available");
@@ -362,10 +364,12 @@ async fn proxy(
             None
         };
         if picked.is_none() {
-            // Cross to the failover cell only when nothing was sent yet (every instance
-            // refused or failed to connect), or when the cell stopped serving (drained,
-            // failed over, breaker open) after an attempt.
-            if crossed || (sent_any && serving) {
+            // Cross to the failover cell only when the cell gave this request no HTTP
+            // answer at all (every instance refused, failed to connect or dropped the
+            // connection), or when it stopped serving (drained, failed over, breaker open).
+            // A cell that answers — even with errors — keeps its keys.
+            let resendable = req.is_some() || replay.is_some();
+            if crossed || !resendable || (answered && serving) {
                 break;
             }
             let input = cellgate_routing::RouteInput {
@@ -386,6 +390,7 @@ async fn proxy(
             cell = next;
             h2 = next_h2;
             crossed = true;
+            answered = false;
             tried = 0;
             cell.health.budget_request(now);
             if req.is_none() {
@@ -433,6 +438,7 @@ async fn proxy(
             Ok(mut res) => {
                 // Phase: outcome.
                 sent_any = true;
+                answered = true;
                 inst.health
                     .record_rtt(sent_at.elapsed().as_micros() as u64, &p.weight);
                 let status = res.status().as_u16();
@@ -450,7 +456,7 @@ async fn proxy(
                 if replay.is_some()
                     && p.retry.statuses.contains(&status)
                     && status_retries + 1 < p.retry.max_attempts
-                    && can_retry(cell, tried, now, p, crossed)
+                    && can_retry(cell, tried, now, p, crossed || answered)
                     && cell.health.try_retry(now, &p.retry)
                 {
                     status_retries += 1;
@@ -503,7 +509,7 @@ async fn proxy(
                 };
                 if replay.is_none()
                     || status_retries + 1 >= p.retry.max_attempts
-                    || !can_retry(cell, tried, now, p, crossed)
+                    || !can_retry(cell, tried, now, p, crossed || answered)
                     || !cell.health.try_retry(now, &p.retry)
                 {
                     return Err((
@@ -522,19 +528,20 @@ async fn proxy(
 }
 
 /// Whether a sent request has somewhere to go again: another untried available instance of
-/// the cell, or — once — the failover cell when this cell stopped serving.
+/// the cell, or the failover cell when this cell stopped serving — or, when `stay` is
+/// false (the cell has not answered this request), when it has no instance left to try.
 fn can_retry(
     cell: &cellgate_routing::Cell,
     tried: u64,
     now: u64,
     p: &cellgate_health::HealthPolicy,
-    crossed: bool,
+    stay: bool,
 ) -> bool {
     let untried =
         cell.instances.iter().enumerate().any(|(i, inst)| {
             (i >= 64 || tried & (1u64 << i) == 0) && inst.health.is_available(now, p)
         });
-    untried || (!crossed && !cell.is_serving(now, p))
+    untried || !stay || !cell.is_serving(now, p)
 }
 
 /// Attempts per request at most, across instances and cells (connect failures included).
