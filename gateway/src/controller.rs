@@ -78,14 +78,31 @@ pub async fn step(shared: &Arc<Shared>) {
     if !transitions.is_empty() {
         match shared.rebuild(&writer) {
             Ok(version) => {
-                let switch_ms = detected.elapsed().as_secs_f64() * 1000.0;
+                let switch_us = detected.elapsed().as_micros() as u64;
+                let switch_ms = switch_us as f64 / 1000.0;
+                let new_table = shared.table.load_full();
+                shared.metrics.reload("health", true);
                 for (cell, t) in transitions {
                     let (action, reason, failed_over_ms) = match t {
-                        Transition::FailedOver { reason } => {
-                            tracing::warn!(cell = %cell, %reason, version, switch_ms, "cell failed over");
+                        Transition::FailedOver { reason, code } => {
+                            // Where its keys go now: the first serving failover target.
+                            let to = new_table
+                                .cell_idx(&cell)
+                                .and_then(|ci| new_table.cell(ci))
+                                .and_then(|c| {
+                                    c.failover.iter().find_map(|&f| {
+                                        let fc = new_table.cell(f)?;
+                                        fc.is_serving(now, new_table.health_policy())
+                                            .then(|| fc.id.to_string())
+                                    })
+                                })
+                                .unwrap_or_else(|| "none".to_owned());
+                            shared.metrics.failover(&cell, &to, code, switch_us);
+                            tracing::warn!(cell = %cell, to = %to, %reason, version, switch_ms, "cell failed over");
                             ("failed_over", reason, None)
                         }
                         Transition::Returned { after_ms } => {
+                            shared.metrics.switch(switch_us);
                             tracing::warn!(cell = %cell, failed_over_ms = after_ms, version, switch_ms, "cell returned to service");
                             (
                                 "returned",

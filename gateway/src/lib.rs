@@ -30,6 +30,7 @@
 
 pub mod controller;
 pub mod demo;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod reload;

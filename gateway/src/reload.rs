@@ -45,10 +45,12 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
             shared.shedding.apply(&cfg.shedding);
             writer.config = cfg;
             shared.table.store(Arc::new(table));
+            shared.metrics.reload("file", true);
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)
         }
         Ok(Err(e)) => {
+            shared.metrics.reload("file", false);
             tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
             Reloaded::Rejected(e.to_string())
         }

@@ -53,6 +53,8 @@ pub struct Shared {
     pub shedding: SheddingLimits,
     /// Recent cell switches (newest last), for operators.
     pub switches: std::sync::Mutex<std::collections::VecDeque<SwitchEvent>>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Builds tables from the current configuration.
@@ -238,6 +240,7 @@ impl Gateway {
             in_flight: AtomicU64::new(0),
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            metrics: crate::metrics::Metrics::default(),
         });
 
         let http_listen = opts

@@ -19,6 +19,7 @@ pub struct CellHealth {
     budget_retries: Window,
     in_flight: AtomicI64,
     failed_over: AtomicBool,
+    ejections: std::sync::atomic::AtomicU64,
     machine: Mutex<Machine>,
 }
 
@@ -31,6 +32,7 @@ impl Default for CellHealth {
             budget_retries: Window::new(1_000),
             in_flight: AtomicI64::new(0),
             failed_over: AtomicBool::new(false),
+            ejections: std::sync::atomic::AtomicU64::new(0),
             machine: Mutex::new(Machine::default()),
         }
     }
@@ -52,6 +54,8 @@ pub enum Transition {
     FailedOver {
         /// Why, in words.
         reason: String,
+        /// Why, as a metric label: `instances_down` or `error_ratio`.
+        code: &'static str,
     },
     /// The cell returned to service.
     Returned {
@@ -117,6 +121,16 @@ impl CellHealth {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// Count an instance ejection.
+    pub fn count_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Instance ejections counted so far.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
     /// Requests in flight now.
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed).max(0)
@@ -157,19 +171,22 @@ impl CellHealth {
             None => {
                 let c = self.failover_window.counts(now);
                 let reason = if s.all_down {
-                    Some("no instance is available".to_owned())
+                    Some(("no instance is available".to_owned(), "instances_down"))
                 } else if c.total() >= p.min_requests && c.failure_ratio() > p.error_ratio {
-                    Some(format!(
-                        "error ratio {:.2} % over {} requests in {} s exceeds {:.2} %",
-                        c.failure_ratio() * 100.0,
-                        c.total(),
-                        p.window.as_secs_f64(),
-                        p.error_ratio * 100.0
+                    Some((
+                        format!(
+                            "error ratio {:.2} % over {} requests in {} s exceeds {:.2} %",
+                            c.failure_ratio() * 100.0,
+                            c.total(),
+                            p.window.as_secs_f64(),
+                            p.error_ratio * 100.0
+                        ),
+                        "error_ratio",
                     ))
                 } else {
                     None
                 };
-                let reason = reason?;
+                let (reason, code) = reason?;
                 m.dwell_ms = match m.returned_at {
                     Some(r) if now < r + 2 * m.dwell_ms.max(min_dwell) => {
                         (m.dwell_ms.max(min_dwell) * 2).min(min_dwell * 16)
@@ -179,7 +196,7 @@ impl CellHealth {
                 m.since = Some(now);
                 m.reason = reason.clone();
                 self.failed_over.store(true, Ordering::Relaxed);
-                Some(Transition::FailedOver { reason })
+                Some(Transition::FailedOver { reason, code })
             }
             Some(since) => {
                 if now >= since + m.dwell_ms && s.probes_healthy && !s.all_down {

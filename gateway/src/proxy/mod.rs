@@ -77,6 +77,7 @@ pub struct Worker {
 struct WrrState {
     version: u64,
     per_cell: Vec<SmoothWrr>,
+    metrics: Vec<Arc<crate::metrics::CellMetrics>>,
 }
 
 impl Worker {
@@ -97,15 +98,36 @@ impl Worker {
         now: u64,
         tried: u64,
     ) -> Option<usize> {
+        let mut st = self.per_version(table);
+        let wrr = st.per_cell.get_mut(usize::from(cell))?;
+        table.pick_instance(cell, tag, wrr, now, tried)
+    }
+
+    /// This worker's per-table-version state (WRR positions, metric series by cell index),
+    /// rebuilt when the table version changes.
+    fn per_version(&self, table: &RoutingTable) -> std::cell::RefMut<'_, WrrState> {
         let mut st = self.wrr.borrow_mut();
         if st.version != table.version() || st.per_cell.len() != table.cells().len() {
             st.version = table.version();
             st.per_cell.clear();
             st.per_cell
                 .resize_with(table.cells().len(), SmoothWrr::default);
+            st.metrics = table
+                .cells()
+                .iter()
+                .map(|c| self.shared.metrics.cell(&c.id))
+                .collect();
         }
-        let wrr = st.per_cell.get_mut(usize::from(cell))?;
-        table.pick_instance(cell, tag, wrr, now, tried)
+        st
+    }
+
+    /// Phase *outcome*, metrics: count the request under its serving cell.
+    fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64) {
+        let st = self.per_version(table);
+        match cell.and_then(|c| st.metrics.get(usize::from(c))) {
+            Some(m) => m.record(status, us),
+            None => self.shared.metrics.no_cell.record(status, us),
+        }
     }
 }
 
@@ -162,27 +184,31 @@ pub async fn handle(
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
     let result = proxy(worker, conn, &table, req, &request_id, grpc, started).await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
     match result {
-        Ok(res) => {
+        Ok((res, cell)) => {
+            worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us);
             if let Some(path) = path_for_log {
                 tracing::debug!(request_id = ?request_id, %method, path, status = res.status().as_u16(),
-                    cell = ?res.headers().get(X_CELL_ID), elapsed_us = started.elapsed().as_micros() as u64, "proxied");
+                    cell = ?res.headers().get(X_CELL_ID), elapsed_us, "proxied");
             }
             res
         }
         Err((e, cell)) => {
-            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell,
+            worker.observe(&table, cell, e.status().as_u16(), elapsed_us);
+            let cell_id = cell.and_then(|c| table.cell(c)).map(|c| &c.id_header);
+            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell_id,
                 client = %conn.peer, error = %e, "request failed");
             let mut res = e.into_response(&request_id, grpc);
-            if let Some(c) = cell {
-                res.headers_mut().insert(X_CELL_ID, c);
+            if let Some(c) = cell_id {
+                res.headers_mut().insert(X_CELL_ID, c.clone());
             }
             res
         }
     }
 }
 
-type Failed = (ProxyError, Option<HeaderValue>);
+type Failed = (ProxyError, Option<cellgate_routing::CellIdx>);
 
 /// SLO class of a request (`X-SLO-Class`), for load shedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,11 +312,14 @@ async fn proxy(
     request_id: &HeaderValue,
     grpc: bool,
     started: Instant,
-) -> Result<Response<ProxyBody>, Failed> {
+) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
     let now = cellgate_health::now_ms();
     // Phase: admit.
     let class = SloClass::of(&req).map_err(|e| (e, None))?;
-    let _in_flight = admit(&worker.shared, class).map_err(|e| (e, None))?;
+    let _in_flight = admit(&worker.shared, class).map_err(|e| {
+        worker.shared.metrics.shed(class as usize);
+        (e, None)
+    })?;
     // Phase: key + decide.
     let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
     let mut cell_idx = routed.cell();
@@ -314,7 +343,7 @@ async fn proxy(
             _ => Ok(false),
         }
     };
-    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell.id_header.clone())))?;
+    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
     let key_for_retry = routed.key.clone();
     let (mut parts, body) = req.into_parts();
     shape::shape_headers(
@@ -409,7 +438,7 @@ async fn proxy(
         if rem.is_zero() {
             return Err((
                 ProxyError::Deadline(budget.as_millis() as u64),
-                Some(cell.id_header.clone()),
+                Some(cell_idx),
             ));
         }
         let Some(mut r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
@@ -430,7 +459,7 @@ async fn proxy(
                 record(cell, inst, now, Outcome::Timeout, p);
                 return Err((
                     ProxyError::Deadline(budget.as_millis() as u64),
-                    Some(cell.id_header.clone()),
+                    Some(cell_idx),
                 ));
             }
         };
@@ -473,7 +502,7 @@ async fn proxy(
                 let h = res.headers_mut();
                 h.insert(X_CELL_ID, cell.id_header.clone());
                 h.insert(X_REQUEST_ID, request_id.clone());
-                return Ok(res.map(ProxyBody::Stream));
+                return Ok((res.map(ProxyBody::Stream), cell_idx));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -512,19 +541,13 @@ async fn proxy(
                     || !can_retry(cell, tried, now, p, crossed || answered)
                     || !cell.health.try_retry(now, &p.retry)
                 {
-                    return Err((
-                        ProxyError::UpstreamFailed(last_err),
-                        Some(cell.id_header.clone()),
-                    ));
+                    return Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)));
                 }
                 status_retries += 1;
             }
         }
     }
-    Err((
-        ProxyError::UpstreamFailed(last_err),
-        Some(cell.id_header.clone()),
-    ))
+    Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)))
 }
 
 /// Whether a sent request has somewhere to go again: another untried available instance of
@@ -567,6 +590,7 @@ fn record(
         .health
         .record(now, outcome, p, ejected, cell.instances.len());
     if r.ejected {
+        cell.health.count_ejection();
         tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, ?outcome, "instance ejected");
     }
     if let Some(b) = r.breaker {
