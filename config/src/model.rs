@@ -44,6 +44,34 @@ pub struct Config {
     /// Load shedding by SLO class.
     #[serde(default)]
     pub shedding: crate::health::SheddingCfg,
+    /// Traces and logs.
+    #[serde(default)]
+    pub telemetry: TelemetryCfg,
+}
+
+/// `telemetry:` — OpenTelemetry export. Read at start; changing it needs a restart.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryCfg {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces` (off when unset).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans (default `cellgate`).
+    #[serde(default = "default_service")]
+    pub service_name: String,
+}
+
+impl Default for TelemetryCfg {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service(),
+        }
+    }
+}
+
+fn default_service() -> String {
+    "cellgate".into()
 }
 
 /// Listeners.

@@ -402,6 +402,17 @@ impl Config {
             }
         }
 
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            let ok = e
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+            if !ok {
+                is.push(
+                    "telemetry.otlp_endpoint",
+                    format!("{e:?} must be an http:// URL such as http://127.0.0.1:4318/v1/traces"),
+                );
+            }
+        }
         self.health.to_policy(&mut is.0);
         self.shedding.check(&mut is.0);
         if is.0.is_empty() {

@@ -35,6 +35,7 @@ pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 
 pub use server::{Gateway, RunOptions};

@@ -55,6 +55,8 @@ pub struct Shared {
     pub switches: std::sync::Mutex<std::collections::VecDeque<SwitchEvent>>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
+    /// OTLP span exporter, when configured.
+    pub traces: Option<crate::telemetry::Exporter>,
 }
 
 /// Builds tables from the current configuration.
@@ -189,7 +191,6 @@ impl RunOptions {
 }
 
 /// A started gateway: listeners bound, workers running.
-#[derive(Debug)]
 pub struct Gateway {
     /// Shared state.
     pub shared: Arc<Shared>,
@@ -198,7 +199,20 @@ pub struct Gateway {
     /// Bound TLS address, if any.
     pub tls_addr: Option<SocketAddr>,
     opts: RunOptions,
+    exporter_task: Option<BoxTask>,
 }
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("http_addr", &self.http_addr)
+            .field("tls_addr", &self.tls_addr)
+            .finish()
+    }
+}
+
+/// A background task the gateway starts when it runs.
+pub type BoxTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
     let err = |source| GatewayError::Listen {
@@ -231,6 +245,16 @@ impl Gateway {
         let table = opts.config.build_table(1, &health)?;
         let shedding = SheddingLimits::default();
         shedding.apply(&opts.config.shedding);
+        let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
+            Some(endpoint) => {
+                let (e, task) = crate::telemetry::Exporter::new(
+                    endpoint.clone(),
+                    opts.config.telemetry.service_name.clone(),
+                );
+                (Some(e), Some(Box::pin(task) as BoxTask))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
             health,
@@ -241,6 +265,7 @@ impl Gateway {
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
             metrics: crate::metrics::Metrics::default(),
+            traces,
         });
 
         let http_listen = opts
@@ -294,6 +319,7 @@ impl Gateway {
             http_addr,
             tls_addr,
             opts,
+            exporter_task,
         })
     }
 
@@ -321,6 +347,9 @@ impl Gateway {
                 Arc::clone(&self.shared),
                 self.opts.health_tick,
             ));
+            if let Some(task) = self.exporter_task {
+                tokio::spawn(task);
+            }
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),

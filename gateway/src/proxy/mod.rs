@@ -183,8 +183,46 @@ pub async fn handle(
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let result = proxy(worker, conn, &table, req, &request_id, grpc, started).await;
+    let traceparent = ids::traceparent(req.headers().get(headers::TRACEPARENT));
+    // The client's span, when this hop continues its trace (the exported span's parent).
+    let span_parent = worker.shared.traces.as_ref().and_then(|_| {
+        let inbound = req.headers().get(headers::TRACEPARENT)?;
+        let (trace, parent) = ids::traceparent_ids(inbound)?;
+        let (ours, _) = ids::traceparent_ids(&traceparent)?;
+        (trace == ours).then(|| parent.to_owned())
+    });
+    let start_ns = worker
+        .shared
+        .traces
+        .as_ref()
+        .map(|_| crate::telemetry::unix_ns());
+    let ctx = ReqCtx {
+        request_id: &request_id,
+        traceparent: &traceparent,
+        grpc,
+        started,
+    };
+    let result = proxy(worker, conn, &table, req, ctx).await;
     let elapsed_us = started.elapsed().as_micros() as u64;
+    if let (Some(exporter), Some(start_ns)) = (worker.shared.traces.as_ref(), start_ns) {
+        if let Some((trace_id, span_id)) = ids::traceparent_ids(&traceparent) {
+            let (status, cell) = match &result {
+                Ok((res, c)) => (res.status().as_u16(), Some(*c)),
+                Err((e, c)) => (e.status().as_u16(), *c),
+            };
+            exporter.submit(crate::telemetry::SpanRecord {
+                trace_id: trace_id.to_owned(),
+                span_id: span_id.to_owned(),
+                parent_span_id: span_parent,
+                method: method.to_string(),
+                status,
+                cell: cell.and_then(|c| table.cell(c)).map(|c| c.id.to_string()),
+                request_id: request_id.to_str().unwrap_or_default().to_owned(),
+                start_ns,
+                end_ns: crate::telemetry::unix_ns(),
+            });
+        }
+    }
     match result {
         Ok((res, cell)) => {
             worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us);
@@ -304,15 +342,27 @@ impl Replay {
     }
 }
 
+/// What `handle` settled about a request before the phases run.
+struct ReqCtx<'a> {
+    request_id: &'a HeaderValue,
+    traceparent: &'a HeaderValue,
+    grpc: bool,
+    started: Instant,
+}
+
 async fn proxy(
     worker: &Worker,
     conn: &ConnInfo,
     table: &Arc<RoutingTable>,
     req: Request<Incoming>,
-    request_id: &HeaderValue,
-    grpc: bool,
-    started: Instant,
+    ctx: ReqCtx<'_>,
 ) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
+    let ReqCtx {
+        request_id,
+        traceparent,
+        grpc,
+        started,
+    } = ctx;
     let now = cellgate_health::now_ms();
     // Phase: admit.
     let class = SloClass::of(&req).map_err(|e| (e, None))?;
@@ -354,6 +404,7 @@ async fn proxy(
             gray: routed.gray.as_ref(),
             request_id,
             conn,
+            traceparent,
         },
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
