@@ -363,6 +363,33 @@ pub struct GrayCfg {
     /// Only when this header has this value.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
+    /// Switch the rule off automatically when its tagged instances do worse than the
+    /// untagged ones of the same cells (over the instance window, `health.outlier.window`).
+    #[serde(default)]
+    pub guard: Option<GuardCfg>,
+}
+
+/// A canary guard.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardCfg {
+    /// Error ratio of tagged minus untagged above which the rule is switched off (default 0.02).
+    #[serde(default = "default_error_delta")]
+    pub max_error_delta: f64,
+    /// p95 latency of tagged minus untagged, in ms, above which the rule is switched off.
+    #[serde(default)]
+    pub max_p95_delta_ms: Option<u64>,
+    /// Requests to the tagged instances in the window before the guard judges (default 50).
+    #[serde(default = "default_guard_min")]
+    pub min_requests: u64,
+}
+
+fn default_error_delta() -> f64 {
+    0.02
+}
+
+fn default_guard_min() -> u64 {
+    50
 }
 
 fn default_true() -> bool {

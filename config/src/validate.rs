@@ -397,6 +397,17 @@ impl Config {
                     is.push(format!("{p}.percent"), format!("{pc} is outside 0-100"));
                 }
             }
+            if let Some(guard) = &g.guard {
+                if !(0.0..=1.0).contains(&guard.max_error_delta) {
+                    is.push(
+                        format!("{p}.guard.max_error_delta"),
+                        format!("{} is outside 0-1", guard.max_error_delta),
+                    );
+                }
+                if guard.min_requests == 0 {
+                    is.push(format!("{p}.guard.min_requests"), "must be positive");
+                }
+            }
             if g.tag.is_empty() || !g.tag.bytes().all(|b| b.is_ascii_graphic()) {
                 is.push(format!("{p}.tag"), "must be non-empty visible ASCII");
             }
@@ -518,6 +529,11 @@ impl Config {
                 percent: g.percent,
                 regions: g.regions.clone(),
                 header: g.header.as_ref().map(|h| (h.name.clone(), h.value.clone())),
+                guard: g.guard.as_ref().map(|x| cellgate_routing::GrayGuard {
+                    max_error_delta: x.max_error_delta,
+                    max_p95_delta_ms: x.max_p95_delta_ms,
+                    min_requests: x.min_requests,
+                }),
             });
         }
         b.build(health).map_err(|e| match e {

@@ -32,17 +32,20 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
     let mut writer = shared.writer.lock().await;
     let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
+    let mut overlay = writer.gray_overlay.clone();
     let built = tokio::task::spawn_blocking(move || {
         let cfg = cellgate_config::load_file(&path2)?;
+        overlay.rearm(&cfg);
         let next = shared2.table.load().version() + 1;
-        let table = cfg.build_table(next, &shared2.health)?;
-        Ok::<_, cellgate_config::ConfigError>((cfg, table))
+        let table = overlay.apply(&cfg).build_table(next, &shared2.health)?;
+        Ok::<_, cellgate_config::ConfigError>((cfg, table, overlay))
     })
     .await;
     match built {
-        Ok(Ok((cfg, table))) => {
+        Ok(Ok((cfg, table, overlay))) => {
             let v = table.version();
             shared.shedding.apply(&cfg.shedding);
+            writer.gray_overlay = overlay;
             writer.config = cfg;
             shared.table.store(Arc::new(table));
             shared.metrics.reload("file", true);

@@ -64,6 +64,42 @@ pub struct Shared {
 pub struct TableWriter {
     /// The configuration tables are built from.
     pub config: Config,
+    /// Gray rules switched off by their guard.
+    pub gray_overlay: GrayOverlay,
+}
+
+impl TableWriter {
+    /// A writer over `config`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            gray_overlay: GrayOverlay::default(),
+        }
+    }
+}
+
+/// Gray rules switched off by their canary guard: rule name → (the rule as configured when
+/// it tripped, why). A reload keeps a rule off unless the operator changed that rule.
+#[derive(Debug, Clone, Default)]
+pub struct GrayOverlay(pub std::collections::BTreeMap<String, (cellgate_config::GrayCfg, String)>);
+
+impl GrayOverlay {
+    /// Forget trips of rules that `config` changed or removed.
+    pub fn rearm(&mut self, config: &Config) {
+        self.0
+            .retain(|name, (was, _)| config.gray.iter().any(|g| &g.name == name && g == was));
+    }
+
+    /// `config` with the tripped rules switched off.
+    pub fn apply(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        for g in c.gray.iter_mut() {
+            if self.0.get(&g.name).is_some_and(|(was, _)| was == g) {
+                g.enabled = false;
+            }
+        }
+        c
+    }
 }
 
 /// In-flight limits per SLO class (critical, standard, best-effort).
@@ -116,7 +152,10 @@ impl Shared {
     /// Build a new table version from `writer.config` and swap it in. Caller holds the writer.
     pub fn rebuild(&self, writer: &TableWriter) -> Result<u64, cellgate_config::ConfigError> {
         let next = self.table.load().version() + 1;
-        let table = writer.config.build_table(next, &self.health)?;
+        let table = writer
+            .gray_overlay
+            .apply(&writer.config)
+            .build_table(next, &self.health)?;
         self.table.store(Arc::new(table));
         Ok(next)
     }
@@ -258,9 +297,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(table),
             health,
-            writer: tokio::sync::Mutex::new(TableWriter {
-                config: opts.config.clone(),
-            }),
+            writer: tokio::sync::Mutex::new(TableWriter::new(opts.config.clone())),
             in_flight: AtomicU64::new(0),
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),

@@ -43,8 +43,11 @@ impl Default for CellHealth {
 pub struct CellSignals {
     /// No instance of the cell is available (probe down, ejected or breaker open).
     pub all_down: bool,
-    /// Every instance's probe has succeeded at least `recover_probes` times in a row.
+    /// Some instance's probe has succeeded at least `recover_probes` times in a row.
     pub probes_healthy: bool,
+    /// At least one failover target is serving. Without one, failing over would turn a
+    /// partial outage into a total one, so the cell keeps its keys.
+    pub target_available: bool,
 }
 
 /// A change of the automatic state.
@@ -187,6 +190,9 @@ impl CellHealth {
                     None
                 };
                 let (reason, code) = reason?;
+                if !s.target_available {
+                    return None;
+                }
                 m.dwell_ms = match m.returned_at {
                     Some(r) if now < r + 2 * m.dwell_ms.max(min_dwell) => {
                         (m.dwell_ms.max(min_dwell) * 2).min(min_dwell * 16)
@@ -235,6 +241,7 @@ mod tests {
         CellSignals {
             all_down: false,
             probes_healthy: true,
+            target_available: true,
         }
     }
 
@@ -263,7 +270,8 @@ mod tests {
                 17_000,
                 CellSignals {
                     all_down: false,
-                    probes_healthy: false
+                    probes_healthy: false,
+                    target_available: true,
                 },
                 &p
             ),
@@ -279,12 +287,36 @@ mod tests {
     }
 
     #[test]
+    fn no_failover_without_a_serving_target() {
+        let p = policy();
+        let c = CellHealth::default();
+        let down = CellSignals {
+            all_down: true,
+            probes_healthy: false,
+            target_available: false,
+        };
+        assert_eq!(c.evaluate(0, down, &p), None);
+        assert!(!c.is_failed_over());
+        assert!(c
+            .evaluate(
+                1,
+                CellSignals {
+                    target_available: true,
+                    ..down
+                },
+                &p
+            )
+            .is_some());
+    }
+
+    #[test]
     fn flapping_doubles_the_dwell() {
         let p = policy();
         let c = CellHealth::default();
         let down = CellSignals {
             all_down: true,
             probes_healthy: false,
+            target_available: true,
         };
         assert!(c.evaluate(0, down, &p).is_some());
         assert!(c.evaluate(10_000, healthy(), &p).is_some());

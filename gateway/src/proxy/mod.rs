@@ -519,8 +519,9 @@ async fn proxy(
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
-                inst.health
-                    .record_rtt(sent_at.elapsed().as_micros() as u64, &p.weight);
+                let latency_us = sent_at.elapsed().as_micros() as u64;
+                inst.health.record_rtt(latency_us, &p.weight);
+                inst.health.record_latency(now, latency_us);
                 let status = res.status().as_u16();
                 record(
                     cell,
