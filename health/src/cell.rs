@@ -175,7 +175,9 @@ impl CellHealth {
                 let c = self.failover_window.counts(now);
                 let reason = if s.all_down {
                     Some(("no instance is available".to_owned(), "instances_down"))
-                } else if c.total() >= p.min_requests && c.failure_ratio() > p.error_ratio {
+                } else if c.total() >= p.min_requests
+                    && wilson_lower(c.fail, c.total(), 3.0) > p.error_ratio
+                {
                     Some((
                         format!(
                             "error ratio {:.2} % over {} requests in {} s exceeds {:.2} %",
@@ -222,8 +224,35 @@ impl CellHealth {
     }
 }
 
+/// Lower bound of the Wilson score interval for `fail` failures in `n` trials at `z`
+/// standard deviations: the error ratio we are confident the cell is at least at. Using it
+/// instead of the raw ratio keeps a handful of unlucky errors in a thin window (or a cell
+/// just under the threshold, evaluated every tick) from failing a healthy cell over.
+pub fn wilson_lower(fail: u64, n: u64, z: f64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n = n as f64;
+    let p = fail as f64 / n;
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let margin = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - margin) / (1.0 + z2 / n)).max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wilson_bound_separates_noise_from_errors() {
+        // 2 errors in 300 (0.67 %): not confidently above 0.5 %.
+        assert!(super::wilson_lower(2, 300, 3.0) < 0.005);
+        // 5 % of 500: confidently above.
+        assert!(super::wilson_lower(25, 500, 3.0) > 0.005);
+        // 0.2 % of 6000: far below.
+        assert!(super::wilson_lower(12, 6000, 3.0) < 0.002);
+        assert_eq!(super::wilson_lower(0, 0, 3.0), 0.0);
+    }
+
     use super::*;
     use std::time::Duration;
 

@@ -394,7 +394,6 @@ async fn proxy(
         }
     };
     let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
-    let key_for_retry = routed.key.clone();
     let (mut parts, body) = req.into_parts();
     shape::shape_headers(
         &mut parts.headers,
@@ -409,8 +408,11 @@ async fn proxy(
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
     let p = table.health_policy();
+    // A copy for status retries, only when one is possible at all (another instance, or a
+    // failover cell to cross to).
     let replay = (p.retry.max_attempts > 1
         && !p.retry.statuses.is_empty()
+        && (cell.instances.len() > 1 || !cell.failover.is_empty())
         && idempotent(&parts.method)
         && http_body::Body::is_end_stream(&body))
     .then(|| Replay {
@@ -452,8 +454,15 @@ async fn proxy(
             if crossed || !resendable || (answered && serving) {
                 break;
             }
+            // The key again, from the request we still hold (this path is rare; the hot
+            // path keeps no copy of it).
+            let held = req
+                .as_ref()
+                .map(|r| (r.uri(), r.headers()))
+                .or_else(|| replay.as_ref().map(|r| (&r.uri, &r.headers)));
+            let key = held.and_then(|(u, h)| table.key_sources().extract(u, h).ok().flatten());
             let input = cellgate_routing::RouteInput {
-                key: key_for_retry.as_deref(),
+                key: key.as_deref(),
                 client_ip: Some(conn.peer.ip()),
                 now_ms: now,
                 spread: fastrand::u64(..),
