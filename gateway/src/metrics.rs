@@ -85,13 +85,12 @@ impl Default for CellMetrics {
 }
 
 impl CellMetrics {
-    /// Count one request answered with `status` after `us` microseconds.
+    /// Count one request answered with `status` after `us` microseconds, at `now` ([`now_ms`]).
     #[inline]
-    pub fn record(&self, status: u16, us: u64) {
+    pub fn record(&self, status: u16, us: u64, now: u64) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
         self.requests[class].fetch_add(1, Relaxed);
         self.duration.observe_us(us);
-        let now = now_ms();
         let failed = status >= 500;
         self.burn_fast.record(now, failed);
         self.burn_slow.record(now, failed);

@@ -124,9 +124,10 @@ impl Worker {
     /// Phase *outcome*, metrics: count the request under its serving cell.
     fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64) {
         let st = self.per_version(table);
+        let now = cellgate_health::now_ms();
         match cell.and_then(|c| st.metrics.get(usize::from(c))) {
-            Some(m) => m.record(status, us),
-            None => self.shared.metrics.no_cell.record(status, us),
+            Some(m) => m.record(status, us, now),
+            None => self.shared.metrics.no_cell.record(status, us, now),
         }
     }
 }
@@ -524,7 +525,7 @@ async fn proxy(
             }
         };
         match outcome {
-            Ok(mut res) => {
+            Ok((mut res, lease)) => {
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
@@ -563,7 +564,7 @@ async fn proxy(
                 let h = res.headers_mut();
                 h.insert(X_CELL_ID, cell.id_header.clone());
                 h.insert(X_REQUEST_ID, request_id.clone());
-                return Ok((res.map(ProxyBody::Stream), cell_idx));
+                return Ok((res.map(|b| ProxyBody::upstream(b, lease)), cell_idx));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {

@@ -59,6 +59,10 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
 /// Remove hop-by-hop headers (and the ones `Connection` names). `keep_te_trailers` keeps
 /// `TE: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // One pass over the names first: most messages carry none of these.
+    if !headers.keys().any(|k| *k == TE || HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
