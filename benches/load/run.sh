@@ -38,6 +38,8 @@
 #   INSTALL=1           apt-get install missing nginx/haproxy/wrk/h2load/curl/python3 (0 = fail instead)
 #   QUIET_WAIT=15       before each run, wait up to this many seconds for other processes on the
 #                       machine (builds...) to use <= QUIET_MAX % (default 10) of one core; 0 = don't
+#   NICE=               e.g. -10: run the whole benchmark (client, proxies, upstreams) at this
+#                       niceness, so that builds running beside it disturb it less (needs root)
 #   OUT_DIR=bench-results   where the report goes (relative to the repository root)
 #   KEEP_WORK=0         keep the temporary directory with configs and logs
 set -Eeuo pipefail
@@ -61,6 +63,7 @@ FIXED_PROCS=${FIXED_PROCS:-1}
 BUILD=${BUILD:-1}
 CELLGATE_BIN=${CELLGATE_BIN:-}
 INSTALL=${INSTALL:-1}
+NICE=${NICE:-}
 QUIET_WAIT=${QUIET_WAIT:-15}
 QUIET_MAX=${QUIET_MAX:-10}
 OUT_DIR=${OUT_DIR:-bench-results}
@@ -86,6 +89,7 @@ DUR_S=$(secs "$DURATION"); H2_DUR_S=$(secs "$H2_DURATION"); WARM_S=$(secs "$WARM
 [[ $WARM_S =~ ^[0-9]+$ ]] || die "WARMUP must be like 2s or 0 (got $WARMUP)"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 && $ROUNDS -le 50 ]] || die "ROUNDS must be 1..50"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $CONNECTIONS -ge 1 && $CONNECTIONS -le 10000 ]] || die "CONNECTIONS must be 1..10000"
+[[ -z $NICE || $NICE =~ ^-?[0-9]+$ ]] || die "NICE must be a niceness like -10"
 [[ $QUIET_WAIT =~ ^[0-9]+$ && $QUIET_WAIT -le 600 ]] || die "QUIET_WAIT must be 0..600 (seconds)"
 [[ $QUIET_MAX =~ ^[0-9]+$ ]] || die "QUIET_MAX must be a whole percentage"
 [[ $FIXED_CLIENT == wrk || $FIXED_CLIENT == python ]] || die "FIXED_CLIENT must be wrk or python"
@@ -128,6 +132,11 @@ else
   fi
 fi
 [[ -x $BIN ]] || die "cellgate binary not found at $BIN (build it or set CELLGATE_BIN)"
+
+if [[ -n $NICE ]]; then
+  renice -n "$NICE" -p $$ >/dev/null || die "renice -n $NICE failed (root needed for a negative niceness)"
+  log "running at niceness $NICE"
+fi
 
 # ------------------------------------------------------- process control ----
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cellgate-load.XXXXXX")
@@ -608,8 +617,8 @@ cpu_share() {
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
     "$(wrk -v 2>&1 | awk 'NR==1{print $2}')" "$(h2load --version 2>&1 | awk '{print $2}')"
-  printf 'settings\tDURATION=%s ROUNDS=%s CONNECTIONS=%s WARMUP=%s, targets alternate: %s\n' \
-    "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$TARGETS"
+  printf 'settings\tDURATION=%s ROUNDS=%s CONNECTIONS=%s WARMUP=%s QUIET_WAIT=%s%s, targets alternate: %s\n' \
+    "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$QUIET_WAIT" "${NICE:+ NICE=$NICE (every benchmark process)}" "$TARGETS"
   printf 'upstreams\t3 × nginx (worker_processes 1, return 200, keep-alive), one per cell; CPU µs/req = proxy utime+stime (all threads; nginx master+worker) / requests, CLK_TCK=%s\n' "$HZ"
   printf 'duration\t%s\n' "$DURATION"
   printf 'rounds\t%s\n' "$ROUNDS"

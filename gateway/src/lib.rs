@@ -36,10 +36,12 @@ pub mod conn;
 pub mod controller;
 pub mod demo;
 pub mod guard;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upgrade;
 

@@ -32,27 +32,33 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
     let mut writer = shared.writer.lock().await;
     let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
+    let mut overlay = writer.gray_overlay.clone();
     let built = tokio::task::spawn_blocking(move || {
         let cfg = cellgate_config::load_file(&path2).map_err(|e| e.to_string())?;
+        overlay.rearm(&cfg);
         let next = shared2.table.load().version() + 1;
-        let table = cfg
+        let table = overlay
+            .apply(&cfg)
             .build_table(next, &shared2.health)
             .map_err(|e| e.to_string())?;
         let tls = crate::tls::UpstreamTlsMap::from_config(&cfg).map_err(|e| e.to_string())?;
-        Ok::<_, String>((cfg, table, tls))
+        Ok::<_, String>((cfg, table, overlay, tls))
     })
     .await;
     match built {
-        Ok(Ok((cfg, table, tls))) => {
+        Ok(Ok((cfg, table, overlay, tls))) => {
             let v = table.version();
             shared.shedding.apply(&cfg.shedding);
+            writer.gray_overlay = overlay;
             writer.config = cfg;
             shared.upstream_tls.store(Arc::new(tls));
             shared.table.store(Arc::new(table));
+            shared.metrics.reload("file", true);
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)
         }
         Ok(Err(e)) => {
+            shared.metrics.reload("file", false);
             tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
             Reloaded::Rejected(e.to_string())
         }

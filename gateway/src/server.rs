@@ -61,6 +61,10 @@ pub struct Shared {
     pub shedding: SheddingLimits,
     /// Recent cell switches (newest last), for operators.
     pub switches: std::sync::Mutex<std::collections::VecDeque<SwitchEvent>>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// OTLP span exporter, when configured.
+    pub traces: Option<crate::telemetry::Exporter>,
 }
 
 /// Builds tables from the current configuration.
@@ -68,6 +72,42 @@ pub struct Shared {
 pub struct TableWriter {
     /// The configuration tables are built from.
     pub config: Config,
+    /// Gray rules switched off by their guard.
+    pub gray_overlay: GrayOverlay,
+}
+
+impl TableWriter {
+    /// A writer over `config`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            gray_overlay: GrayOverlay::default(),
+        }
+    }
+}
+
+/// Gray rules switched off by their canary guard: rule name → (the rule as configured when
+/// it tripped, why). A reload keeps a rule off unless the operator changed that rule.
+#[derive(Debug, Clone, Default)]
+pub struct GrayOverlay(pub std::collections::BTreeMap<String, (cellgate_config::GrayCfg, String)>);
+
+impl GrayOverlay {
+    /// Forget trips of rules that `config` changed or removed.
+    pub fn rearm(&mut self, config: &Config) {
+        self.0
+            .retain(|name, (was, _)| config.gray.iter().any(|g| &g.name == name && g == was));
+    }
+
+    /// `config` with the tripped rules switched off.
+    pub fn apply(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        for g in c.gray.iter_mut() {
+            if self.0.get(&g.name).is_some_and(|(was, _)| was == g) {
+                g.enabled = false;
+            }
+        }
+        c
+    }
 }
 
 /// In-flight limits per SLO class (critical, standard, best-effort).
@@ -120,7 +160,10 @@ impl Shared {
     /// Build a new table version from `writer.config` and swap it in. Caller holds the writer.
     pub fn rebuild(&self, writer: &TableWriter) -> Result<u64, cellgate_config::ConfigError> {
         let next = self.table.load().version() + 1;
-        let table = writer.config.build_table(next, &self.health)?;
+        let table = writer
+            .gray_overlay
+            .apply(&writer.config)
+            .build_table(next, &self.health)?;
         self.table.store(Arc::new(table));
         Ok(next)
     }
@@ -267,7 +310,6 @@ impl Drop for ConnPermit {
 }
 
 /// A started gateway: listeners bound, workers running.
-#[derive(Debug)]
 pub struct Gateway {
     /// Shared state.
     pub shared: Arc<Shared>,
@@ -282,7 +324,20 @@ pub struct Gateway {
     listeners: Vec<(&'static str, std::net::TcpListener)>,
     certs: Option<Arc<CertReloader>>,
     exe: Option<PathBuf>,
+    exporter_task: Option<BoxTask>,
 }
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("http_addr", &self.http_addr)
+            .field("tls_addr", &self.tls_addr)
+            .finish()
+    }
+}
+
+/// A background task the gateway starts when it runs.
+pub type BoxTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
     let err = |source| GatewayError::Listen {
@@ -331,16 +386,26 @@ impl Gateway {
         let shedding = SheddingLimits::default();
         shedding.apply(&opts.config.shedding);
         let upstream_tls = UpstreamTlsMap::from_config(&opts.config)?;
+        let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
+            Some(endpoint) => {
+                let (e, task) = crate::telemetry::Exporter::new(
+                    endpoint.clone(),
+                    opts.config.telemetry.service_name.clone(),
+                );
+                (Some(e), Some(Box::pin(task) as BoxTask))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             upstream_tls: ArcSwap::from_pointee(upstream_tls),
             table: ArcSwap::from_pointee(table),
             health,
-            writer: tokio::sync::Mutex::new(TableWriter {
-                config: opts.config.clone(),
-            }),
+            writer: tokio::sync::Mutex::new(TableWriter::new(opts.config.clone())),
             in_flight: AtomicU64::new(0),
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            metrics: crate::metrics::Metrics::default(),
+            traces,
         });
         let settings = ConnSettings::new(&opts.config.limits);
         let lifecycle = Lifecycle::new(opts.config.limits.max_connections);
@@ -417,13 +482,14 @@ impl Gateway {
             listeners,
             certs,
             exe: std::env::current_exe().ok(),
+            exporter_task,
         })
     }
 
     /// Serve until a signal: SIGTERM drains and returns, SIGINT returns at once, SIGUSR2
     /// starts the new binary on the same sockets, SIGHUP (and file changes) reload the
     /// configuration; certificate files are watched too.
-    pub fn run_until_signal(self) -> Result<(), GatewayError> {
+    pub fn run_until_signal(mut self) -> Result<(), GatewayError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -446,6 +512,9 @@ impl Gateway {
                 Arc::clone(&self.shared),
                 self.opts.health_tick,
             ));
+            if let Some(task) = self.exporter_task.take() {
+                tokio::spawn(task);
+            }
             if let Some(certs) = self.certs.clone() {
                 tokio::spawn(watch_certs(certs, self.opts.watch_interval));
             }

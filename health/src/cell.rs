@@ -19,6 +19,7 @@ pub struct CellHealth {
     budget_retries: Window,
     in_flight: AtomicI64,
     failed_over: AtomicBool,
+    ejections: std::sync::atomic::AtomicU64,
     machine: Mutex<Machine>,
 }
 
@@ -31,6 +32,7 @@ impl Default for CellHealth {
             budget_retries: Window::new(1_000),
             in_flight: AtomicI64::new(0),
             failed_over: AtomicBool::new(false),
+            ejections: std::sync::atomic::AtomicU64::new(0),
             machine: Mutex::new(Machine::default()),
         }
     }
@@ -41,8 +43,11 @@ impl Default for CellHealth {
 pub struct CellSignals {
     /// No instance of the cell is available (probe down, ejected or breaker open).
     pub all_down: bool,
-    /// Every instance's probe has succeeded at least `recover_probes` times in a row.
+    /// Some instance's probe has succeeded at least `recover_probes` times in a row.
     pub probes_healthy: bool,
+    /// At least one failover target is serving. Without one, failing over would turn a
+    /// partial outage into a total one, so the cell keeps its keys.
+    pub target_available: bool,
 }
 
 /// A change of the automatic state.
@@ -52,6 +57,8 @@ pub enum Transition {
     FailedOver {
         /// Why, in words.
         reason: String,
+        /// Why, as a metric label: `instances_down` or `error_ratio`.
+        code: &'static str,
     },
     /// The cell returned to service.
     Returned {
@@ -117,6 +124,16 @@ impl CellHealth {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// Count an instance ejection.
+    pub fn count_ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Instance ejections counted so far.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
     /// Requests in flight now.
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed).max(0)
@@ -157,19 +174,27 @@ impl CellHealth {
             None => {
                 let c = self.failover_window.counts(now);
                 let reason = if s.all_down {
-                    Some("no instance is available".to_owned())
-                } else if c.total() >= p.min_requests && c.failure_ratio() > p.error_ratio {
-                    Some(format!(
-                        "error ratio {:.2} % over {} requests in {} s exceeds {:.2} %",
-                        c.failure_ratio() * 100.0,
-                        c.total(),
-                        p.window.as_secs_f64(),
-                        p.error_ratio * 100.0
+                    Some(("no instance is available".to_owned(), "instances_down"))
+                } else if c.total() >= p.min_requests
+                    && wilson_lower(c.fail, c.total(), 3.0) > p.error_ratio
+                {
+                    Some((
+                        format!(
+                            "error ratio {:.2} % over {} requests in {} s exceeds {:.2} %",
+                            c.failure_ratio() * 100.0,
+                            c.total(),
+                            p.window.as_secs_f64(),
+                            p.error_ratio * 100.0
+                        ),
+                        "error_ratio",
                     ))
                 } else {
                     None
                 };
-                let reason = reason?;
+                let (reason, code) = reason?;
+                if !s.target_available {
+                    return None;
+                }
                 m.dwell_ms = match m.returned_at {
                     Some(r) if now < r + 2 * m.dwell_ms.max(min_dwell) => {
                         (m.dwell_ms.max(min_dwell) * 2).min(min_dwell * 16)
@@ -179,7 +204,7 @@ impl CellHealth {
                 m.since = Some(now);
                 m.reason = reason.clone();
                 self.failed_over.store(true, Ordering::Relaxed);
-                Some(Transition::FailedOver { reason })
+                Some(Transition::FailedOver { reason, code })
             }
             Some(since) => {
                 if now >= since + m.dwell_ms && s.probes_healthy && !s.all_down {
@@ -199,8 +224,35 @@ impl CellHealth {
     }
 }
 
+/// Lower bound of the Wilson score interval for `fail` failures in `n` trials at `z`
+/// standard deviations: the error ratio we are confident the cell is at least at. Using it
+/// instead of the raw ratio keeps a handful of unlucky errors in a thin window (or a cell
+/// just under the threshold, evaluated every tick) from failing a healthy cell over.
+pub fn wilson_lower(fail: u64, n: u64, z: f64) -> f64 {
+    if n == 0 {
+        return 0.0;
+    }
+    let n = n as f64;
+    let p = fail as f64 / n;
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let margin = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - margin) / (1.0 + z2 / n)).max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn wilson_bound_separates_noise_from_errors() {
+        // 2 errors in 300 (0.67 %): not confidently above 0.5 %.
+        assert!(super::wilson_lower(2, 300, 3.0) < 0.005);
+        // 5 % of 500: confidently above.
+        assert!(super::wilson_lower(25, 500, 3.0) > 0.005);
+        // 0.2 % of 6000: far below.
+        assert!(super::wilson_lower(12, 6000, 3.0) < 0.002);
+        assert_eq!(super::wilson_lower(0, 0, 3.0), 0.0);
+    }
+
     use super::*;
     use std::time::Duration;
 
@@ -218,6 +270,7 @@ mod tests {
         CellSignals {
             all_down: false,
             probes_healthy: true,
+            target_available: true,
         }
     }
 
@@ -246,7 +299,8 @@ mod tests {
                 17_000,
                 CellSignals {
                     all_down: false,
-                    probes_healthy: false
+                    probes_healthy: false,
+                    target_available: true,
                 },
                 &p
             ),
@@ -262,12 +316,36 @@ mod tests {
     }
 
     #[test]
+    fn no_failover_without_a_serving_target() {
+        let p = policy();
+        let c = CellHealth::default();
+        let down = CellSignals {
+            all_down: true,
+            probes_healthy: false,
+            target_available: false,
+        };
+        assert_eq!(c.evaluate(0, down, &p), None);
+        assert!(!c.is_failed_over());
+        assert!(c
+            .evaluate(
+                1,
+                CellSignals {
+                    target_available: true,
+                    ..down
+                },
+                &p
+            )
+            .is_some());
+    }
+
+    #[test]
     fn flapping_doubles_the_dwell() {
         let p = policy();
         let c = CellHealth::default();
         let down = CellSignals {
             all_down: true,
             probes_healthy: false,
+            target_available: true,
         };
         assert!(c.evaluate(0, down, &p).is_some());
         assert!(c.evaluate(10_000, healthy(), &p).is_some());

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::breaker::{Breaker, BreakerState};
 use crate::policy::{HealthPolicy, OutlierPolicy, WeightPolicy};
-use crate::window::Window;
+use crate::window::{Counts, LatencyWindow, Window, LATENCY_BINS_MS};
 
 /// How one attempt at an instance ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,7 @@ pub struct InstanceHealth {
     ejections: AtomicU32,
     ejected_until_ms: AtomicU64,
     window: Window,
+    latency: LatencyWindow,
     breaker: Breaker,
     probe_up: AtomicBool,
     probe_streak: AtomicI64,
@@ -65,6 +66,7 @@ impl Default for InstanceHealth {
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             window: Window::default(),
+            latency: LatencyWindow::default(),
             breaker: Breaker::default(),
             probe_up: AtomicBool::new(true),
             probe_streak: AtomicI64::new(0),
@@ -222,6 +224,22 @@ impl InstanceHealth {
         self.probe_streak.load(Ordering::Relaxed)
     }
 
+    /// Record the latency of an answered request (for the canary guard's p95).
+    #[inline]
+    pub fn record_latency(&self, now: u64, latency_us: u64) {
+        self.latency.record(now, latency_us);
+    }
+
+    /// Outcomes in the instance window at `now`.
+    pub fn window_counts(&self, now: u64) -> Counts {
+        self.window.counts(now)
+    }
+
+    /// Add the instance's latency bins at `now` into `into`.
+    pub fn add_latency_bins(&self, now: u64, into: &mut [u64; LATENCY_BINS_MS.len() + 1]) {
+        self.latency.add_bins(now, into);
+    }
+
     /// Fold one RTT sample (microseconds) into the moving average.
     #[inline]
     pub fn record_rtt(&self, rtt_us: u64, w: &WeightPolicy) {
@@ -297,6 +315,7 @@ impl InstanceHealth {
     /// Apply window spans of a new policy (after a reload).
     pub fn apply_policy(&self, p: &HealthPolicy) {
         self.window.set_span(p.outlier.window.as_millis() as u64);
+        self.latency.set_span(p.outlier.window.as_millis() as u64);
         self.breaker.set_window(&p.breaker);
     }
 }

@@ -34,7 +34,7 @@ pub use breaker::{Breaker, BreakerState};
 pub use cell::{CellHealth, CellSignals, Transition};
 pub use instance::{InstanceHealth, Outcome, Recorded};
 pub use policy::*;
-pub use window::{Counts, Window};
+pub use window::{quantile_ms, Counts, LatencyWindow, Window, LATENCY_BINS_MS};
 
 /// Milliseconds since the first call in this process: the time base of every health
 /// timestamp. Monotonic; never 0.

@@ -93,7 +93,9 @@ impl Default for BreakerPolicy {
 /// Automatic cell failover.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FailoverPolicy {
-    /// Error ratio over `window` above which a cell fails over (0.005 = 0.5 %).
+    /// Error ratio over `window` above which a cell fails over (0.005 = 0.5 %). The ratio is
+    /// judged by its 3-sigma Wilson lower bound, so a few unlucky errors in a thin window do
+    /// not count as a crossing.
     pub error_ratio: f64,
     /// Window of the error ratio.
     pub window: Duration,

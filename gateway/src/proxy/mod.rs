@@ -77,6 +77,7 @@ pub struct Worker {
 struct WrrState {
     version: u64,
     per_cell: Vec<SmoothWrr>,
+    metrics: Vec<Arc<crate::metrics::CellMetrics>>,
 }
 
 impl Worker {
@@ -97,15 +98,37 @@ impl Worker {
         now: u64,
         tried: u64,
     ) -> Option<usize> {
+        let mut st = self.per_version(table);
+        let wrr = st.per_cell.get_mut(usize::from(cell))?;
+        table.pick_instance(cell, tag, wrr, now, tried)
+    }
+
+    /// This worker's per-table-version state (WRR positions, metric series by cell index),
+    /// rebuilt when the table version changes.
+    fn per_version(&self, table: &RoutingTable) -> std::cell::RefMut<'_, WrrState> {
         let mut st = self.wrr.borrow_mut();
         if st.version != table.version() || st.per_cell.len() != table.cells().len() {
             st.version = table.version();
             st.per_cell.clear();
             st.per_cell
                 .resize_with(table.cells().len(), SmoothWrr::default);
+            st.metrics = table
+                .cells()
+                .iter()
+                .map(|c| self.shared.metrics.cell(&c.id))
+                .collect();
         }
-        let wrr = st.per_cell.get_mut(usize::from(cell))?;
-        table.pick_instance(cell, tag, wrr, now, tried)
+        st
+    }
+
+    /// Phase *outcome*, metrics: count the request under its serving cell.
+    fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64) {
+        let st = self.per_version(table);
+        let now = cellgate_health::now_ms();
+        match cell.and_then(|c| st.metrics.get(usize::from(c))) {
+            Some(m) => m.record(status, us, now),
+            None => self.shared.metrics.no_cell.record(status, us, now),
+        }
     }
 }
 
@@ -161,28 +184,70 @@ pub async fn handle(
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let result = proxy(worker, conn, &table, req, &request_id, grpc, started).await;
+    let traceparent = ids::traceparent(req.headers().get(headers::TRACEPARENT));
+    // The client's span, when this hop continues its trace (the exported span's parent).
+    let span_parent = worker.shared.traces.as_ref().and_then(|_| {
+        let inbound = req.headers().get(headers::TRACEPARENT)?;
+        let (trace, parent) = ids::traceparent_ids(inbound)?;
+        let (ours, _) = ids::traceparent_ids(&traceparent)?;
+        (trace == ours).then(|| parent.to_owned())
+    });
+    let start_ns = worker
+        .shared
+        .traces
+        .as_ref()
+        .map(|_| crate::telemetry::unix_ns());
+    let ctx = ReqCtx {
+        request_id: &request_id,
+        traceparent: &traceparent,
+        grpc,
+        started,
+    };
+    let result = proxy(worker, conn, &table, req, ctx).await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    if let (Some(exporter), Some(start_ns)) = (worker.shared.traces.as_ref(), start_ns) {
+        if let Some((trace_id, span_id)) = ids::traceparent_ids(&traceparent) {
+            let (status, cell) = match &result {
+                Ok((res, c)) => (res.status().as_u16(), Some(*c)),
+                Err((e, c)) => (e.status().as_u16(), *c),
+            };
+            exporter.submit(crate::telemetry::SpanRecord {
+                trace_id: trace_id.to_owned(),
+                span_id: span_id.to_owned(),
+                parent_span_id: span_parent,
+                method: method.to_string(),
+                status,
+                cell: cell.and_then(|c| table.cell(c)).map(|c| c.id.to_string()),
+                request_id: request_id.to_str().unwrap_or_default().to_owned(),
+                start_ns,
+                end_ns: crate::telemetry::unix_ns(),
+            });
+        }
+    }
     match result {
-        Ok(res) => {
+        Ok((res, cell)) => {
+            worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us);
             if let Some(path) = path_for_log {
                 tracing::debug!(request_id = ?request_id, %method, path, status = res.status().as_u16(),
-                    cell = ?res.headers().get(X_CELL_ID), elapsed_us = started.elapsed().as_micros() as u64, "proxied");
+                    cell = ?res.headers().get(X_CELL_ID), elapsed_us, "proxied");
             }
             res
         }
         Err((e, cell)) => {
-            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell,
+            worker.observe(&table, cell, e.status().as_u16(), elapsed_us);
+            let cell_id = cell.and_then(|c| table.cell(c)).map(|c| &c.id_header);
+            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell_id,
                 client = %conn.peer, error = %e, "request failed");
             let mut res = e.into_response(&request_id, grpc);
-            if let Some(c) = cell {
-                res.headers_mut().insert(X_CELL_ID, c);
+            if let Some(c) = cell_id {
+                res.headers_mut().insert(X_CELL_ID, c.clone());
             }
             res
         }
     }
 }
 
-type Failed = (ProxyError, Option<HeaderValue>);
+type Failed = (ProxyError, Option<cellgate_routing::CellIdx>);
 
 /// SLO class of a request (`X-SLO-Class`), for load shedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,19 +343,34 @@ impl Replay {
     }
 }
 
+/// What `handle` settled about a request before the phases run.
+struct ReqCtx<'a> {
+    request_id: &'a HeaderValue,
+    traceparent: &'a HeaderValue,
+    grpc: bool,
+    started: Instant,
+}
+
 async fn proxy(
     worker: &Worker,
     conn: &ConnInfo,
     table: &Arc<RoutingTable>,
     req: Request<RequestBody>,
-    request_id: &HeaderValue,
-    grpc: bool,
-    started: Instant,
-) -> Result<Response<ProxyBody>, Failed> {
+    ctx: ReqCtx<'_>,
+) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
+    let ReqCtx {
+        request_id,
+        traceparent,
+        grpc,
+        started,
+    } = ctx;
     let now = cellgate_health::now_ms();
     // Phase: admit.
     let class = SloClass::of(&req).map_err(|e| (e, None))?;
-    let _in_flight = admit(&worker.shared, class).map_err(|e| (e, None))?;
+    let _in_flight = admit(&worker.shared, class).map_err(|e| {
+        worker.shared.metrics.shed(class as usize);
+        (e, None)
+    })?;
     // Phase: key + decide.
     let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
     let mut cell_idx = routed.cell();
@@ -314,8 +394,7 @@ async fn proxy(
             _ => Ok(false),
         }
     };
-    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell.id_header.clone())))?;
-    let key_for_retry = routed.key.clone();
+    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
     let (mut parts, body) = req.into_parts();
     shape::shape_headers(
         &mut parts.headers,
@@ -325,12 +404,16 @@ async fn proxy(
             gray: routed.gray.as_ref(),
             request_id,
             conn,
+            traceparent,
         },
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
     let p = table.health_policy();
+    // A copy for status retries, only when one is possible at all (another instance, or a
+    // failover cell to cross to).
     let replay = (p.retry.max_attempts > 1
         && !p.retry.statuses.is_empty()
+        && (cell.instances.len() > 1 || !cell.failover.is_empty())
         && idempotent(&parts.method)
         && http_body::Body::is_end_stream(&body))
     .then(|| Replay {
@@ -350,6 +433,8 @@ async fn proxy(
     let upstream_tls = worker.shared.upstream_tls.load();
     let mut tried: u64 = 0;
     let mut sent_any = false;
+    // Whether the current cell answered this request with an HTTP response.
+    let mut answered = false;
     let mut crossed = false;
     let mut status_retries = 0u32;
     let mut last_err = String::from("no instance of the cell is available");
@@ -363,14 +448,23 @@ async fn proxy(
             None
         };
         if picked.is_none() {
-            // Cross to the failover cell only when nothing was sent yet (every instance
-            // refused or failed to connect), or when the cell stopped serving (drained,
-            // failed over, breaker open) after an attempt.
-            if crossed || (sent_any && serving) {
+            // Cross to the failover cell only when the cell gave this request no HTTP
+            // answer at all (every instance refused, failed to connect or dropped the
+            // connection), or when it stopped serving (drained, failed over, breaker open).
+            // A cell that answers — even with errors — keeps its keys.
+            let resendable = req.is_some() || replay.is_some();
+            if crossed || !resendable || (answered && serving) {
                 break;
             }
+            // The key again, from the request we still hold (this path is rare; the hot
+            // path keeps no copy of it).
+            let held = req
+                .as_ref()
+                .map(|r| (r.uri(), r.headers()))
+                .or_else(|| replay.as_ref().map(|r| (&r.uri, &r.headers)));
+            let key = held.and_then(|(u, h)| table.key_sources().extract(u, h).ok().flatten());
             let input = cellgate_routing::RouteInput {
-                key: key_for_retry.as_deref(),
+                key: key.as_deref(),
                 client_ip: Some(conn.peer.ip()),
                 now_ms: now,
                 spread: fastrand::u64(..),
@@ -387,6 +481,7 @@ async fn proxy(
             cell = next;
             h2 = next_h2;
             crossed = true;
+            answered = false;
             tried = 0;
             cell.health.budget_request(now);
             if req.is_none() {
@@ -405,7 +500,7 @@ async fn proxy(
         if rem.is_zero() {
             return Err((
                 ProxyError::Deadline(budget.as_millis() as u64),
-                Some(cell.id_header.clone()),
+                Some(cell_idx),
             ));
         }
         let Some(mut r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
@@ -433,16 +528,18 @@ async fn proxy(
                 record(cell, inst, now, Outcome::Timeout, p);
                 return Err((
                     ProxyError::Deadline(budget.as_millis() as u64),
-                    Some(cell.id_header.clone()),
+                    Some(cell_idx),
                 ));
             }
         };
         match outcome {
-            Ok(mut res) => {
+            Ok((mut res, lease)) => {
                 // Phase: outcome.
                 sent_any = true;
-                inst.health
-                    .record_rtt(sent_at.elapsed().as_micros() as u64, &p.weight);
+                answered = true;
+                let latency_us = sent_at.elapsed().as_micros() as u64;
+                inst.health.record_rtt(latency_us, &p.weight);
+                inst.health.record_latency(now, latency_us);
                 let status = res.status().as_u16();
                 record(
                     cell,
@@ -458,7 +555,7 @@ async fn proxy(
                 if replay.is_some()
                     && p.retry.statuses.contains(&status)
                     && status_retries + 1 < p.retry.max_attempts
-                    && can_retry(cell, tried, now, p, crossed)
+                    && can_retry(cell, tried, now, p, crossed || answered)
                     && cell.health.try_retry(now, &p.retry)
                 {
                     status_retries += 1;
@@ -475,7 +572,7 @@ async fn proxy(
                 let h = res.headers_mut();
                 h.insert(X_CELL_ID, cell.id_header.clone());
                 h.insert(X_REQUEST_ID, request_id.clone());
-                return Ok(res.map(ProxyBody::Stream));
+                return Ok((res.map(|b| ProxyBody::upstream(b, lease)), cell_idx));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -495,7 +592,7 @@ async fn proxy(
                 // The client's own body failed (too large, malformed): its fault, not the
                 // upstream's.
                 if let Some(b) = RequestBodyError::find(&e) {
-                    return Err((b.to_proxy_error(), Some(cell.id_header.clone())));
+                    return Err((b.to_proxy_error(), Some(cell_idx)));
                 }
                 sent_any = true;
                 record(
@@ -516,38 +613,33 @@ async fn proxy(
                 };
                 if replay.is_none()
                     || status_retries + 1 >= p.retry.max_attempts
-                    || !can_retry(cell, tried, now, p, crossed)
+                    || !can_retry(cell, tried, now, p, crossed || answered)
                     || !cell.health.try_retry(now, &p.retry)
                 {
-                    return Err((
-                        ProxyError::UpstreamFailed(last_err),
-                        Some(cell.id_header.clone()),
-                    ));
+                    return Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)));
                 }
                 status_retries += 1;
             }
         }
     }
-    Err((
-        ProxyError::UpstreamFailed(last_err),
-        Some(cell.id_header.clone()),
-    ))
+    Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)))
 }
 
 /// Whether a sent request has somewhere to go again: another untried available instance of
-/// the cell, or — once — the failover cell when this cell stopped serving.
+/// the cell, or the failover cell when this cell stopped serving — or, when `stay` is
+/// false (the cell has not answered this request), when it has no instance left to try.
 fn can_retry(
     cell: &cellgate_routing::Cell,
     tried: u64,
     now: u64,
     p: &cellgate_health::HealthPolicy,
-    crossed: bool,
+    stay: bool,
 ) -> bool {
     let untried =
         cell.instances.iter().enumerate().any(|(i, inst)| {
             (i >= 64 || tried & (1u64 << i) == 0) && inst.health.is_available(now, p)
         });
-    untried || (!crossed && !cell.is_serving(now, p))
+    untried || !stay || !cell.is_serving(now, p)
 }
 
 /// Attempts per request at most, across instances and cells (connect failures included).
@@ -573,6 +665,7 @@ fn record(
         .health
         .record(now, outcome, p, ejected, cell.instances.len());
     if r.ejected {
+        cell.health.count_ejection();
         tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, ?outcome, "instance ejected");
     }
     if let Some(b) = r.breaker {

@@ -15,8 +15,6 @@ pub struct Routed {
     pub decision: Decision,
     /// The gray tag, if any (as sent upstream).
     pub gray: Option<HeaderValue>,
-    /// The routing key, kept for a retry in another cell.
-    pub key: Option<String>,
 }
 
 impl Routed {
@@ -69,12 +67,7 @@ pub fn route(
             .gray_rule(key.as_deref(), decision.cell, headers)
             .map(|r| r.tag_header.clone()),
     };
-    let key = key.map(std::borrow::Cow::into_owned);
-    Ok(Routed {
-        decision,
-        gray,
-        key,
-    })
+    Ok(Routed { decision, gray })
 }
 
 /// The gray tag as text, for instance selection.

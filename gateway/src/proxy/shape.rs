@@ -26,12 +26,13 @@ pub struct Shape<'a> {
     pub request_id: &'a HeaderValue,
     /// The client connection.
     pub conn: &'a ConnInfo,
+    /// This hop's `traceparent`.
+    pub traceparent: &'a HeaderValue,
 }
 
 /// Rewrite `headers` for the upstream.
 pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     strip_hop_by_hop(headers, true);
-    let traceparent = super::ids::traceparent(headers.get(TRACEPARENT));
     headers.insert(X_CELL_ID, s.cell.clone());
     headers.insert(X_ROUTING_VERSION, s.version.clone());
     match s.gray {
@@ -43,7 +44,7 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
         }
     }
     headers.insert(X_REQUEST_ID, s.request_id.clone());
-    headers.insert(TRACEPARENT, traceparent);
+    headers.insert(TRACEPARENT, s.traceparent.clone());
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text))
@@ -58,6 +59,10 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
 /// Remove hop-by-hop headers (and the ones `Connection` names). `keep_te_trailers` keeps
 /// `TE: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // One pass over the names first: most messages carry none of these.
+    if !headers.keys().any(|k| *k == TE || HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
