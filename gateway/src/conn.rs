@@ -125,9 +125,39 @@ impl Default for HeadScan {
 
 impl HeadScan {
     fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
+        let mut i = 0;
+        while i < bytes.len() {
+            match self.state {
+                ScanState::Done => return,
+                // The request line and header values: skip to the line end (vectorised).
+                ScanState::Rest => match memchr::memchr(b'\n', &bytes[i..]) {
+                    None => {
+                        self.prev_cr = bytes.last() == Some(&b'\r');
+                        return;
+                    }
+                    Some(off) => {
+                        let j = i + off;
+                        let cr = if j > i {
+                            bytes[j - 1] == b'\r'
+                        } else {
+                            self.prev_cr
+                        };
+                        if !cr {
+                            self.bare_lf = true;
+                        }
+                        self.first_line = false;
+                        self.state = ScanState::LineStart;
+                        self.line_empty = true;
+                        self.prev_cr = false;
+                        i = j + 1;
+                        continue;
+                    }
+                },
+                ScanState::LineStart | ScanState::Name => {}
+            }
+            let b = bytes[i];
+            i += 1;
             match (self.state, b) {
-                (ScanState::Done, _) => return,
                 (_, b'\r') => {
                     self.prev_cr = true;
                     continue;
@@ -140,9 +170,8 @@ impl HeadScan {
                         self.state = ScanState::Done;
                         return;
                     }
-                    if self.line_empty && self.first_line {
-                        // Empty lines before the request line are allowed and skipped.
-                    } else {
+                    // An empty line before the request line is allowed and skipped.
+                    if !self.line_empty {
                         self.first_line = false;
                     }
                     self.state = ScanState::LineStart;
@@ -180,7 +209,7 @@ impl HeadScan {
                         self.state = ScanState::Rest;
                     }
                 }
-                (ScanState::Rest, _) => {}
+                (ScanState::Rest | ScanState::Done, _) => {}
             }
             self.prev_cr = false;
         }
@@ -517,5 +546,59 @@ async fn drive<C>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    /// The scan of `head` fed whole, and fed in every two-piece split.
+    fn scan_all_splits(head: &[u8]) -> Option<&'static str> {
+        let mut whole = HeadScan::default();
+        whole.feed(head);
+        let want = whole.refusal();
+        for cut in 0..=head.len() {
+            let mut s = HeadScan::default();
+            s.feed(&head[..cut]);
+            s.feed(&head[cut..]);
+            assert_eq!(
+                s.refusal(),
+                want,
+                "split at {cut} of {:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        want
+    }
+
+    #[test]
+    fn clean_heads_pass() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET /content-length:5 HTTP/1.1\r\nX-Note: transfer-encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding-X: y\r\n\r\n",
+        ] {
+            assert_eq!(scan_all_splits(head), None);
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_found_across_read_boundaries() {
+        let cl_te = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTRANSFER-ENCODING: chunked\r\n\r\n";
+        assert!(scan_all_splits(cl_te).is_some_and(|w| w.contains("Transfer-Encoding")));
+        let dup = b"POST / HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(scan_all_splits(dup).is_some_and(|w| w.contains("more than one")));
+        let lf = b"GET / HTTP/1.1\nHost: x\r\n\r\n";
+        assert!(scan_all_splits(lf).is_some_and(|w| w.contains("bare LF")));
+    }
+
+    #[test]
+    fn the_body_after_the_head_is_not_scanned() {
+        let head =
+            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\nTransfer-Encoding: chunked\r\n\n\n";
+        assert_eq!(scan_all_splits(head), None);
     }
 }
