@@ -14,6 +14,10 @@
 //!   closes (`Connection: close`); an idle one is given [`DRAIN_LINGER`] for a request
 //!   already on its way, then closed; HTTP/2 gets GOAWAY and its open streams finish.
 //!
+//! An HTTP/1 connection that hyper is done with is closed gently: FIN after the answer,
+//! then what the client still sends is read and dropped for up to two seconds (1 MiB), so
+//! an early answer (a refused body, a 503) is not destroyed by a TCP reset.
+//!
 //! This module never buffers a body, never allocates per request and never blocks.
 
 use std::cell::Cell;
@@ -453,15 +457,8 @@ pub async fn serve<S>(
             .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
             .keep_alive_interval(None);
         let conn = b.serve_connection(TokioIo::new(io), guard);
-        drive(
-            std::pin::pin!(conn),
-            |c| c.graceful_shutdown(),
-            &act,
-            settings,
-            &mut drain,
-            true,
-        )
-        .await;
+        let mut conn = std::pin::pin!(conn);
+        drive(&mut conn, &act, settings, &mut drain, true).await;
     } else {
         let mut b = http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -474,30 +471,82 @@ pub async fn serve<S>(
             // hyper's default is 100 on the stack; any other value is allocated per request.
             b.max_headers(lim.max_headers);
         }
-        let conn = b.serve_connection(TokioIo::new(io), guard);
-        drive(
-            std::pin::pin!(conn),
-            |c| c.graceful_shutdown(),
-            &act,
-            settings,
-            &mut drain,
-            false,
-        )
-        .await;
+        let mut conn = b.serve_connection(TokioIo::new(io), guard);
+        if drive(&mut conn, &act, settings, &mut drain, false).await {
+            // hyper is done with it (answered and closing, or the client left): close it
+            // gently instead of letting unread request bytes reset the answer away.
+            linger(conn.into_parts().io.into_inner()).await;
+        }
     }
 }
 
-/// Poll the connection with its watchdog until it ends.
-async fn drive<C>(
-    mut conn: Pin<&mut C>,
-    close: fn(Pin<&mut C>),
+/// Longest a closing HTTP/1 connection keeps reading what the client still sends.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Most bytes a closing HTTP/1 connection reads and drops.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Close after the answer is out: send FIN, then read and drop what the client is still
+/// sending (e.g. the rest of a body that was refused, or that an early answer made moot),
+/// bounded in time and bytes. Closing a socket with unread data makes the kernel send a
+/// reset, which can destroy the answer before the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    if tokio::io::AsyncWriteExt::shutdown(&mut io).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while left > 0 {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
+/// A served connection the watchdog can poll and ask to close.
+trait Served {
+    /// Drive it; ready when the connection is done (for HTTP/1 without closing the
+    /// stream, so it can linger).
+    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>>;
+    /// Start a graceful close.
+    fn begin_close(&mut self);
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Served
+    for http1::Connection<TokioIo<ConnIo<T>>, Guard>
+{
+    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        self.poll_without_shutdown(cx)
+    }
+    fn begin_close(&mut self) {
+        Pin::new(self).graceful_shutdown();
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Served
+    for Pin<&mut http2::Connection<TokioIo<ConnIo<T>>, Guard, LocalExec>>
+{
+    fn poll_served(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        self.as_mut().poll(cx)
+    }
+    fn begin_close(&mut self) {
+        self.as_mut().graceful_shutdown();
+    }
+}
+
+/// Poll the connection with its watchdog until it ends: `true` when it finished by itself
+/// (the stream may linger), `false` when the watchdog cut it off.
+async fn drive<C: Served>(
+    conn: &mut C,
     act: &Activity,
     s: &ConnSettings,
     drain: &mut watch::Receiver<bool>,
     h2: bool,
-) where
-    C: Future<Output = hyper::Result<()>>,
-{
+) -> bool {
     let mut closing = false;
     let mut drain_since: Option<Instant> = None;
     if *drain.borrow() {
@@ -513,11 +562,11 @@ async fn drive<C>(
             },
         };
         tokio::select! {
-            r = conn.as_mut() => {
+            r = std::future::poll_fn(|cx| conn.poll_served(cx)) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
-                return;
+                return true;
             }
             changed = drain.changed(), if drain_since.is_none() => {
                 if changed.is_err() || *drain.borrow() {
@@ -528,7 +577,7 @@ async fn drive<C>(
                 let now = Instant::now();
                 if let Some(since) = drain_since {
                     if h2 || act.in_flight() > 0 || now >= since + DRAIN_LINGER {
-                        close(conn.as_mut());
+                        conn.begin_close();
                         closing = true;
                     }
                     continue;
@@ -536,10 +585,10 @@ async fn drive<C>(
                 match act.check(now, s) {
                     Err(Expired::HeaderRead) => {
                         tracing::debug!("request head not received within the header read timeout; connection closed");
-                        return;
+                        return false;
                     }
                     Err(Expired::Idle) => {
-                        close(conn.as_mut());
+                        conn.begin_close();
                         closing = true;
                     }
                     Ok(_) => {}

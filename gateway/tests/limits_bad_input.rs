@@ -183,6 +183,25 @@ async fn bodies_past_the_limit_get_413_whether_declared_or_streamed() {
         .contains("1024 bytes"));
     assert!(r.closed);
 
+    // Declared, with the whole body already on its way (an HTTP client writing it while
+    // the answer comes): the client gets the 413, not a connection error.
+    for _ in 0..20 {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/up")
+            .header("host", "x")
+            .header("x-user-id", "a")
+            .body(Full::new(Bytes::from(vec![b'z'; 300_000])))
+            .unwrap();
+        match tx.send_request(req).await {
+            Ok(res) => assert_eq!(res.status(), 413),
+            Err(e) => panic!("early 413 lost to a reset: {e}"),
+        }
+    }
+
     // Streamed (chunked, no length): counted as it flows.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(

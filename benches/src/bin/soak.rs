@@ -10,8 +10,8 @@
 //! SOAK_SECS=120 benches/soak/run.sh   # a short run
 //! ```
 //!
-//! Environment: `SOAK_SECS` (default 1800), `SOAK_WARMUP_SECS` (default a sixth of the run,
-//! at most 300), `CELLGATE_BIN` (default: `cellgate` beside this binary). Traffic goes to
+//! Environment: `SOAK_SECS` (default 1800), `SOAK_WARMUP_SECS` (default a third of the run,
+//! at most 600), `CELLGATE_BIN` (default: `cellgate` beside this binary). Traffic goes to
 //! loopback only; every loop stops at the deadline.
 
 use std::io::{BufRead, BufReader};
@@ -81,6 +81,8 @@ impl Counts {
 struct Sample {
     t: Duration,
     rss_kb: u64,
+    /// Anonymous part of the RSS (heap, stacks): where a leak shows.
+    anon_kb: u64,
     fds: u64,
     requests: u64,
 }
@@ -92,12 +94,13 @@ fn env_secs(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn rss_kb(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `RssAnon`).
+fn status_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -483,17 +486,19 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-fn median(s: &[Sample]) -> (u64, u64) {
-    let mut r: Vec<u64> = s.iter().map(|x| x.rss_kb).collect();
-    let mut f: Vec<u64> = s.iter().map(|x| x.fds).collect();
-    r.sort_unstable();
-    f.sort_unstable();
-    (r[r.len() / 2], f[f.len() / 2])
+/// Medians of (RSS, anonymous RSS, fds).
+fn median(s: &[Sample]) -> (u64, u64, u64) {
+    let m = |f: fn(&Sample) -> u64| {
+        let mut v: Vec<u64> = s.iter().map(f).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    (m(|x| x.rss_kb), m(|x| x.anon_kb), m(|x| x.fds))
 }
 
 fn main() {
     let secs = env_secs("SOAK_SECS", 1800).max(30);
-    let warmup = env_secs("SOAK_WARMUP_SECS", (secs / 6).min(300)).min(secs / 2);
+    let warmup = env_secs("SOAK_WARMUP_SECS", (secs / 3).min(600)).min(secs / 2);
     let sample_every = Duration::from_secs((secs / 60).clamp(1, 10));
     let event_every = Duration::from_secs((secs / 30).clamp(2, 20));
     let bin = std::env::var_os("CELLGATE_BIN")
@@ -578,14 +583,16 @@ fn main() {
                 tick.tick().await;
                 let s = Sample {
                     t: start.elapsed(),
-                    rss_kb: rss_kb(pid),
+                    rss_kb: status_kb(pid, "VmRSS:"),
+                    anon_kb: status_kb(pid, "RssAnon:"),
                     fds: fd_count(pid),
                     requests: c2.answered(),
                 };
                 println!(
-                    "  t={:>5}s rss={:>7} KiB fds={:>4} requests={}",
+                    "  t={:>5}s rss={:>7} KiB (anon {:>7}) fds={:>4} requests={}",
                     s.t.as_secs(),
                     s.rss_kb,
+                    s.anon_kb,
                     s.fds,
                     s.requests
                 );
@@ -622,25 +629,26 @@ fn main() {
         eprintln!("soak: no samples in a measuring window");
         std::process::exit(2);
     }
-    let (r0, f0) = (samples[0].rss_kb, samples[0].fds);
-    let (rw, fw) = median(&warm);
-    let (re, fe) = median(&last);
+    let (r0, a0, f0) = (samples[0].rss_kb, samples[0].anon_kb, samples[0].fds);
+    let (rw, aw, fw) = median(&warm);
+    let (re, ae, fe) = median(&last);
     let c = &counts;
     println!("\nsoak results ({secs} s, gateway pid {pid}):");
-    println!("  start:          rss {r0} KiB, fds {f0}");
+    println!("  start:          rss {r0} KiB (anon {a0}), fds {f0}");
     println!(
-        "  after warm-up:  rss {rw} KiB, fds {fw}   (median of {} samples from t={} s, steady traffic)",
+        "  after warm-up:  rss {rw} KiB (anon {aw}), fds {fw}   (median of {} samples from t={} s, steady traffic)",
         warm.len(),
         wq.as_secs()
     );
     println!(
-        "  end:            rss {re} KiB, fds {fe}   (median of the last {} samples, steady traffic)",
+        "  end:            rss {re} KiB (anon {ae}), fds {fe}   (median of the last {} samples, steady traffic)",
         last.len()
     );
     let pct = |a: u64, b: u64| 100.0 * (a as f64 - b as f64) / (b.max(1) as f64);
     println!(
-        "  end vs warm-up: rss {:+.1} %, fds {:+.1} %",
+        "  end vs warm-up: rss {:+.1} % (anon {:+.1} %), fds {:+.1} %",
         pct(re, rw),
+        pct(ae, aw),
         pct(fe, fw)
     );
     for (name, k) in KINDS.iter().zip(&c.kinds) {
