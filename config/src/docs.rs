@@ -343,6 +343,9 @@ pub fn documents_of(
     Ok(out)
 }
 
+/// A changed document: `(key, before, after)`; `None` where it does not exist.
+pub type DocChange = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// The documents that differ between two configurations: `(key, before, after)` where a
 /// missing side is `None`. The slot table counts as changed only when an assignment
 /// changed, and then carries `slots_version + 1`.
@@ -350,7 +353,7 @@ pub fn changed_documents(
     before: &Config,
     after: &Config,
     slots_version: u64,
-) -> Result<Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)>, ConfigError> {
+) -> Result<Vec<DocChange>, ConfigError> {
     let b: BTreeMap<String, Vec<u8>> = documents_of(before, slots_version)?.into_iter().collect();
     let mut a: BTreeMap<String, Vec<u8>> =
         documents_of(after, slots_version)?.into_iter().collect();
