@@ -304,7 +304,7 @@ pub fn rebalance_targets(cells: &[CellCfg], current: &[u64], slot_count: u64) ->
         .collect();
     let mut left = slot_count - targets.iter().sum::<u64>();
     let mut order: Vec<usize> = (0..cells.len())
-        .filter(|&i| (slot_count * weight(&cells[i])) % total > 0)
+        .filter(|&i| !(slot_count * weight(&cells[i])).is_multiple_of(total))
         .collect();
     order.sort_by_key(|&i| {
         let frac = (slot_count * weight(&cells[i])) % total;
