@@ -8,7 +8,7 @@
 //! The control plane's pure parts live here too: admin mutations and their impact
 //! ([`mutate`]), the configuration as etcd documents ([`docs`]), the etcd store client
 //! ([`etcd`]: load, watch, switch protocol, audit, fleet), the on-disk last known good
-//! table ([`lkg`]) and the audit record ([`audit`]).
+//! table ([`lkg`]), the local admin overlay ([`overlay`]) and the audit record ([`audit`]).
 //!
 //! This crate never sits on the request path and never depends on an HTTP engine (the
 //! etcd client's gRPC transport is the store client, not a server).
@@ -20,6 +20,7 @@ pub mod etcd;
 pub mod lkg;
 mod model;
 pub mod mutate;
+pub mod overlay;
 mod validate;
 
 pub use audit::AuditRecord;
