@@ -1,5 +1,6 @@
 //! Hot reload of the configuration file: watch it (content polled at an interval, and on
-//! SIGHUP), build and validate the new table off the request path, and swap it in whole.
+//! SIGHUP), build and validate the new table (the file with the admin overlay on top) off
+//! the request path, and swap it in whole.
 //! An invalid file is rejected with a log line naming each problem; the old table keeps
 //! serving. Never blocks a worker.
 
@@ -27,30 +28,24 @@ pub enum Reloaded {
     Rejected(String),
 }
 
-/// Load, validate and build `path`, and swap it in when it is valid.
+/// Load and validate `path`, apply the admin overlay on top, build, and swap it in when it
+/// is valid (see [`crate::control`] for how file and admin changes compose).
 pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
-    let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
-    let built = tokio::task::spawn_blocking(move || {
-        let cfg = cellgate_config::load_file(&path2)?;
-        let next = shared2.table.load().version() + 1;
-        cfg.build_table(next, &shared2.health)
-    })
-    .await;
-    match built {
-        Ok(Ok(table)) => {
-            let v = table.version();
-            shared.table.store(Arc::new(table));
+    let loaded = tokio::task::spawn_blocking(move || cellgate_config::load_file(&path2)).await;
+    let result = match loaded {
+        Ok(Ok(cfg)) => crate::control::apply_file(shared, cfg).await,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(v) => {
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)
         }
-        Ok(Err(e)) => {
-            tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
-            Reloaded::Rejected(e.to_string())
-        }
         Err(e) => {
-            tracing::error!(error = %e, "configuration reload task failed; the previous routing table keeps serving");
-            Reloaded::Rejected(e.to_string())
+            tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
+            Reloaded::Rejected(e)
         }
     }
 }

@@ -43,6 +43,25 @@ pub struct Shared {
     pub health: HealthRegistry,
     /// Passive ejection settings.
     pub ejection: EjectionPolicy,
+    /// Control plane: desired configuration, store status, audit log (never read on the
+    /// request path).
+    pub control: crate::control::ControlState,
+}
+
+impl Shared {
+    /// Shared state around a first table and a control plane.
+    pub fn with_control(
+        table: RoutingTable,
+        health: HealthRegistry,
+        control: crate::control::ControlState,
+    ) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+            health,
+            ejection: EjectionPolicy::default(),
+            control,
+        }
+    }
 }
 
 /// Why the gateway could not start.
@@ -68,6 +87,9 @@ pub enum GatewayError {
     /// An option is not available.
     #[error("{0}")]
     Unsupported(String),
+    /// The control plane (admin API, configuration store) could not start.
+    #[error("control plane: {0}")]
+    Control(String),
 }
 
 /// How to run the gateway.
@@ -83,6 +105,18 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// How often the file is checked for changes.
     pub watch_interval: Duration,
+    /// Override of `admin.listen`.
+    pub admin_listen: Option<String>,
+    /// Admin token (`CELLGATE_ADMIN_TOKEN`), overriding `admin.token`.
+    pub admin_token: Option<String>,
+    /// etcd endpoints (`--etcd`), overriding `etcd.endpoints`; etcd becomes the source.
+    pub etcd: Option<Vec<String>>,
+    /// Override of `etcd.prefix`.
+    pub etcd_prefix: Option<String>,
+    /// Override of `etcd.gateway_id`.
+    pub gateway_id: Option<String>,
+    /// Override of `admin.state_dir`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -94,6 +128,12 @@ impl RunOptions {
             listen: None,
             workers: None,
             watch_interval: Duration::from_millis(250),
+            admin_listen: None,
+            admin_token: None,
+            etcd: None,
+            etcd_prefix: None,
+            gateway_id: None,
+            state_dir: None,
         }
     }
 }
@@ -107,7 +147,15 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     /// Bound TLS address, if any.
     pub tls_addr: Option<SocketAddr>,
+    /// Bound admin API address.
+    pub admin_addr: SocketAddr,
     opts: RunOptions,
+    control: crate::control::ControlRuntime,
+}
+
+/// Bind a listening socket (address reuse on, non-blocking).
+pub fn bind_listener(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
+    bind(addr)
 }
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
@@ -138,12 +186,8 @@ impl Gateway {
     /// Build the first table, bind the listeners and start the workers.
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
         let health = HealthRegistry::new();
-        let table = opts.config.build_table(1, &health)?;
-        let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(table),
-            health,
-            ejection: EjectionPolicy::default(),
-        });
+        let boot = crate::control::boot(&opts, &health)?;
+        let shared = Arc::new(Shared::with_control(boot.table, health, boot.state));
 
         let http_listen = opts
             .listen
@@ -191,11 +235,14 @@ impl Gateway {
         if let Some(a) = tls_addr {
             tracing::info!(listener = "tls", addr = %a, "listening");
         }
+        let admin_addr = crate::control::start(&shared, &boot.runtime, boot.admin, http_addr)?;
         Ok(Self {
             shared,
             http_addr,
             tls_addr,
+            admin_addr,
             opts,
+            control: boot.runtime,
         })
     }
 
@@ -211,7 +258,13 @@ impl Gateway {
             let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Runtime)?;
             let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
             let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
-            if let Some(path) = self.opts.config_path.clone() {
+            let _control = &self.control;
+            if let Some(path) = self
+                .opts
+                .config_path
+                .clone()
+                .filter(|_| !self.shared.control.is_etcd())
+            {
                 tokio::spawn(crate::reload::watch_file(
                     Arc::clone(&self.shared),
                     path,

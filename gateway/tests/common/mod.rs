@@ -91,9 +91,15 @@ impl Gateway {
     }
 
     pub fn start_args(args: &[&str]) -> Gateway {
+        // The admin API on a free port unless the test names one (the default 9901 would
+        // collide between tests running in parallel).
+        let mut args: Vec<&str> = args.to_vec();
+        if matches!(args.first(), Some(&"run" | &"demo")) && !args.contains(&"--admin-listen") {
+            args.extend(["--admin-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate"))
             .args(["--log-format", "json"])
-            .args(args)
+            .args(&args)
             .env("CELLGATE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
