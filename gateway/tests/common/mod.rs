@@ -73,6 +73,7 @@ pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -125,8 +126,10 @@ impl Gateway {
         });
         let mut addr = None;
         let mut tls_addr = None;
+        let mut admin_addr = None;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while addr.is_none() {
+        // The admin listener is announced last (after proxy and TLS).
+        while addr.is_none() || admin_addr.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((l, a)) => {
@@ -135,6 +138,8 @@ impl Gateway {
                         addr = Some(a);
                     } else if l == "tls" {
                         tls_addr = Some(a);
+                    } else if l == "admin" {
+                        admin_addr = Some(a);
                     }
                 }
                 Err(_) => {
@@ -146,16 +151,11 @@ impl Gateway {
                 }
             }
         }
-        // The TLS line follows the proxy line.
-        if let Ok((l, a)) = rx.recv_timeout(Duration::from_millis(300)) {
-            if l == "tls" {
-                tls_addr = a.parse().ok();
-            }
-        }
         Gateway {
             child,
             addr: addr.unwrap(),
             tls_addr,
+            admin_addr,
             logs,
         }
     }
@@ -197,6 +197,8 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+pub mod etcd;
 
 /// A response, fully read.
 #[derive(Debug)]
