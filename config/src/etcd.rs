@@ -135,7 +135,54 @@ async fn timed<T, E: std::fmt::Display>(
     }
 }
 
+/// Attempts of one idempotent call when a member is unreachable (a request the balanced
+/// channel sent to a dead member fails at once; the next goes to a live one).
+const ATTEMPTS: u32 = 4;
+
+fn transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        // gRPC codes UNKNOWN (2), DEADLINE_EXCEEDED (4), ABORTED (10), UNAVAILABLE (14).
+        E::GRpcStatus(s) => matches!(s.code() as i32, 2 | 4 | 10 | 14),
+        _ => false,
+    }
+}
+
 impl EtcdStore {
+    /// Run an idempotent call with a per-attempt timeout, retrying transient failures
+    /// (50 ms doubling back-off, [`ATTEMPTS`] attempts).
+    async fn retry<T, Fut>(
+        &self,
+        what: &str,
+        mut f: impl FnMut(Client) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            let last = attempt >= ATTEMPTS;
+            match tokio::time::timeout(CALL_TIMEOUT, f(self.client.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if !last && transient(&e) => {
+                    tracing::debug!(attempt, error = %e, "{what}: retrying");
+                }
+                Ok(Err(e)) => return Err(self.unavailable(format!("{what}: {e}"))),
+                Err(_) if !last => {}
+                Err(_) => {
+                    return Err(
+                        self.unavailable(format!("{what}: no answer within {CALL_TIMEOUT:?}"))
+                    )
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            attempt += 1;
+        }
+    }
+
     /// A client for `endpoints` (`http://host:port`) under `prefix`. Connections are made
     /// lazily: this succeeds even while etcd is down.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
@@ -184,16 +231,13 @@ impl EtcdStore {
 
     /// Read every table document.
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
-        let mut c = self.client.clone();
-        let resp = timed(
-            self,
-            "load",
-            c.get(
-                self.prefix.as_bytes(),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+        let prefix = self.prefix.clone();
+        let resp = self
+            .retry("load", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut docs = Documents::default();
         for kv in resp.kvs() {
@@ -208,21 +252,24 @@ impl EtcdStore {
 
     /// Watch table documents from `from` (inclusive).
     pub async fn watch(&self, from: i64) -> Result<StoreWatch, StoreError> {
-        let mut c = self.client.clone();
-        let mut stream = timed(
-            self,
-            "watch",
-            c.watch(
-                self.prefix.as_bytes(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(from)
-                        .with_progress_notify(),
-                ),
-            ),
-        )
-        .await?;
+        let prefix = self.prefix.clone();
+        let mut stream = self
+            .retry("watch", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.watch(
+                        prefix,
+                        Some(
+                            WatchOptions::new()
+                                .with_prefix()
+                                .with_start_revision(from)
+                                .with_progress_notify(),
+                        ),
+                    )
+                    .await
+                }
+            })
+            .await?;
         // The first message acknowledges creation (or reports a compacted start).
         let first = timed(self, "watch", stream.message()).await?;
         match first {
@@ -253,9 +300,7 @@ impl EtcdStore {
         audit: &AuditRecord,
     ) -> Result<i64, StoreError> {
         let mut c = self.client.clone();
-        let lease = timed(self, "lease grant", c.lease_grant(LOCK_LEASE_TTL_S, None))
-            .await?
-            .id();
+        let lease = self.grant(LOCK_LEASE_TTL_S).await?;
         let result = self.commit_under_lease(lease, base, changes, audit).await;
         // Revoking the lease releases the lock if unlocking failed; best effort.
         let _ = tokio::time::timeout(CALL_TIMEOUT, c.lease_revoke(lease)).await;
@@ -271,22 +316,32 @@ impl EtcdStore {
     ) -> Result<i64, StoreError> {
         let mut c = self.client.clone();
         let lock_name = self.key(docs::LOCK_SWITCH);
-        let lock = match tokio::time::timeout(
-            LOCK_WAIT,
-            c.lock(
-                lock_name.as_bytes(),
-                Some(LockOptions::new().with_lease(lease)),
-            ),
-        )
-        .await
-        {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return Err(self.unavailable(format!("lock {lock_name}: {e}"))),
-            Err(_) => {
-                return Err(StoreError::LockBusy {
-                    key: lock_name,
-                    waited: LOCK_WAIT,
-                })
+        // Locking again with the same lease is a no-op in etcd, so a retried lock is safe.
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let lock = loop {
+            let left = LOCK_WAIT.saturating_sub(started.elapsed());
+            match tokio::time::timeout(
+                left,
+                c.lock(
+                    lock_name.as_bytes(),
+                    Some(LockOptions::new().with_lease(lease)),
+                ),
+            )
+            .await
+            {
+                Ok(Ok(l)) => break l,
+                Ok(Err(e)) if transient(&e) && started.elapsed() + delay < LOCK_WAIT => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Ok(Err(e)) => return Err(self.unavailable(format!("lock {lock_name}: {e}"))),
+                Err(_) => {
+                    return Err(StoreError::LockBusy {
+                        key: lock_name,
+                        waited: LOCK_WAIT,
+                    })
+                }
             }
         };
         let lock_key = lock.key().to_vec();
@@ -299,22 +354,32 @@ impl EtcdStore {
                 None => TxnOp::delete(self.key(rel), None),
             })
             .collect();
-        ops.push(TxnOp::put(
-            self.key(&format!("{}{}", docs::AUDIT, audit.id)),
-            audit_json,
-            None,
-        ));
+        let audit_rel = format!("{}{}", docs::AUDIT, audit.id);
+        ops.push(TxnOp::put(self.key(&audit_rel), audit_json, None));
         let txn = Txn::new()
             .when(self.unchanged_since(base, Some(lock_key.clone())))
             .and_then(ops);
-        let resp = timed(self, "switch transaction", c.txn(txn)).await;
+        let mut attempts = 0;
+        let resp = self
+            .retry("switch transaction", |mut c| {
+                attempts += 1;
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await;
         let _ = tokio::time::timeout(CALL_TIMEOUT, c.unlock(lock_key)).await;
         let resp = resp?;
         if resp.succeeded() {
-            Ok(resp.header().map_or(0, |h| h.revision()))
-        } else {
-            Err(StoreError::Conflict { base })
+            return Ok(resp.header().map_or(0, |h| h.revision()));
         }
+        if attempts > 1 {
+            // An earlier attempt may have been applied with its answer lost: our audit
+            // record (unique id, written only by this transaction) says so.
+            if let Some((_, rev)) = self.raw_get(&audit_rel).await? {
+                return Ok(rev);
+            }
+        }
+        Err(StoreError::Conflict { base })
     }
 
     /// Compares that hold when no table document was written after `base` (and, with a
@@ -339,33 +404,36 @@ impl EtcdStore {
     pub async fn put_audit(&self, rec: &AuditRecord) -> Result<i64, StoreError> {
         let v = serde_json::to_vec(rec)
             .map_err(|e| StoreError::Refused(format!("cannot serialize the audit record: {e}")))?;
-        let mut c = self.client.clone();
-        let r = timed(
-            self,
-            "audit put",
-            c.put(self.key(&format!("{}{}", docs::AUDIT, rec.id)), v, None),
-        )
-        .await?;
+        let key = self.key(&format!("{}{}", docs::AUDIT, rec.id));
+        let r = self
+            .retry("audit put", |mut c| {
+                let (key, v) = (key.clone(), v.clone());
+                async move { c.put(key, v, None).await }
+            })
+            .await?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// The newest `limit` audit records, newest first.
     pub async fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut c = self.client.clone();
-        let r = timed(
-            self,
-            "audit read",
-            c.get(
-                self.key(docs::AUDIT),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Key, SortOrder::Descend)
-                        .with_limit(limit as i64),
-                ),
-            ),
-        )
-        .await?;
+        let key = self.key(docs::AUDIT);
+        let r = self
+            .retry("audit read", |mut c| {
+                let key = key.clone();
+                async move {
+                    c.get(
+                        key,
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_sort(SortTarget::Key, SortOrder::Descend)
+                                .with_limit(limit as i64),
+                        ),
+                    )
+                    .await
+                }
+            })
+            .await?;
         Ok(r.kvs()
             .iter()
             .filter_map(|kv| {
@@ -378,8 +446,10 @@ impl EtcdStore {
 
     /// Grant a lease of `ttl_s` seconds.
     pub async fn grant(&self, ttl_s: i64) -> Result<i64, StoreError> {
-        let mut c = self.client.clone();
-        Ok(timed(self, "lease grant", c.lease_grant(ttl_s, None))
+        Ok(self
+            .retry("lease grant", |mut c| async move {
+                c.lease_grant(ttl_s, None).await
+            })
             .await?
             .id())
     }
@@ -403,32 +473,27 @@ impl EtcdStore {
         value: Vec<u8>,
         lease: i64,
     ) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        timed(
-            self,
-            "gateway registration",
-            c.put(
-                self.key(&format!("{}{id}", docs::GATEWAYS)),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
+        let key = self.key(&format!("{}{id}", docs::GATEWAYS));
+        self.retry("gateway registration", |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
         .await?;
         Ok(())
     }
 
     /// Every registered gateway's document.
     pub async fn gateways(&self) -> Result<Vec<serde_json::Value>, StoreError> {
-        let mut c = self.client.clone();
-        let r = timed(
-            self,
-            "fleet read",
-            c.get(
-                self.key(docs::GATEWAYS),
-                Some(GetOptions::new().with_prefix()),
-            ),
-        )
-        .await?;
+        let key = self.key(docs::GATEWAYS);
+        let r = self
+            .retry("fleet read", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         Ok(r.kvs()
             .iter()
             .map(|kv| {
@@ -477,15 +542,25 @@ impl EtcdStore {
     /// Write a raw value under a relative key, outside the switch protocol (operators'
     /// tools and tests that write documents straight into etcd).
     pub async fn raw_put(&self, rel: &str, value: impl Into<Vec<u8>>) -> Result<i64, StoreError> {
-        let mut c = self.client.clone();
-        let r = timed(self, "put", c.put(self.key(rel), value, None)).await?;
+        let (key, value): (String, Vec<u8>) = (self.key(rel), value.into());
+        let r = self
+            .retry("put", |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
         Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// Read a raw value under a relative key and its revision.
     pub async fn raw_get(&self, rel: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let mut c = self.client.clone();
-        let r = timed(self, "get", c.get(self.key(rel), None)).await?;
+        let key = self.key(rel);
+        let r = self
+            .retry("get", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(r.kvs()
             .first()
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))

@@ -77,6 +77,9 @@ async fn sync_once(shared: &Arc<Shared>) -> Result<(), StoreError> {
     let snap = store.load().await?;
     let mut watch = store.watch(snap.revision + 1).await?;
     let mut docs = snap.docs;
+    // Apply first, then report the store ok: readiness never claims a sync that has not
+    // reached the table yet.
+    apply_docs(shared, &docs).await;
     let was = c.status().state;
     c.set_status(|s| {
         s.state = if docs.is_empty() { "empty" } else { "ok" };
@@ -91,7 +94,6 @@ async fn sync_once(shared: &Arc<Shared>) -> Result<(), StoreError> {
     if was == "degraded" {
         tracing::info!(revision = snap.revision, "etcd reachable again; resynced");
     }
-    apply_docs(shared, &docs).await;
     loop {
         let changes = watch.next().await?;
         if changes.is_empty() {

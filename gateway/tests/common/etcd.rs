@@ -311,6 +311,17 @@ pub async fn wait_version(admins: &[SocketAddr], v: u64, within: Duration) -> Du
     start.elapsed()
 }
 
+/// Connect, retrying (bounded) while the gateway cannot be reached.
+async fn connect_retrying(addr: SocketAddr) -> super::H1 {
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return super::H1::connect(addr).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot connect to the gateway at {addr}");
+}
+
 /// A bounded request load: `conns` keep-alive connections each sending one request every
 /// `every`, keys spread over `keys`; counts successes and failures (any non-200 or error).
 pub struct Load {
@@ -338,7 +349,7 @@ impl Load {
                     Arc::clone(&keys),
                 );
                 tokio::spawn(async move {
-                    let mut c = super::H1::connect(addr).await;
+                    let mut c = connect_retrying(addr).await;
                     let mut i = n;
                     let mut tick = tokio::time::interval(every);
                     while !stop.load(Ordering::SeqCst) {
@@ -359,7 +370,7 @@ impl Load {
                             Err(e) => {
                                 failed.fetch_add(1, Ordering::Relaxed);
                                 failures.lock().unwrap().push(e.to_string());
-                                c = super::H1::connect(addr).await;
+                                c = connect_retrying(addr).await;
                             }
                         }
                     }
