@@ -302,8 +302,11 @@ impl EtcdStore {
         let mut c = self.client.clone();
         let lease = self.grant(LOCK_LEASE_TTL_S).await?;
         let result = self.commit_under_lease(lease, base, changes, audit).await;
-        // Revoking the lease releases the lock if unlocking failed; best effort.
-        let _ = tokio::time::timeout(CALL_TIMEOUT, c.lease_revoke(lease)).await;
+        // The lock is already released; revoking the lease (which would also release it if
+        // unlocking failed) need not delay the answer. Best effort: it expires anyway.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, c.lease_revoke(lease)).await;
+        });
         result
     }
 
