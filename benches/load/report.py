@@ -109,6 +109,10 @@ def load(tsv):
             "ups": [int(x) if x.lstrip("-").isdigit() else None for x in f[6:9]],
             "elapsed": float(f[9]),
         }
+        el = max(r["elapsed"], 1e-9)
+        r["client_pct"] = int(f[10]) * 100.0 / hz / el if len(f) > 10 else None
+        r["other_pct"] = max(0, int(f[11])) * 100.0 / hz / el if len(f) > 11 else None
+        r["new_conns"] = int(f[12]) if len(f) > 12 and f[12].lstrip("-").isdigit() else None
         if kind in ("h1", "fixed"):
             r.update(parse_wrk(raw))
         elif kind == "h2":
@@ -148,6 +152,10 @@ def fmt_num(v, spec="%.0f"):
     return "—" if v is None else spec % v
 
 
+def fmt_pct(v):
+    return "—" if v is None else "%.0f %%" % v
+
+
 def fmt_ratio(v):
     return "—" if v is None else "%.2f×" % v
 
@@ -168,6 +176,7 @@ def summarize(runs, kind, lat_keys):
             "cpu_all": [r.get("cpu_us") for r in rs],
             "errors": sum((r.get("non2xx") or 0) + (r.get("sockerr") or 0) for r in rs),
             "requests": sum(r.get("requests") or 0 for r in rs),
+            "other": max([r["other_pct"] for r in rs if r.get("other_pct") is not None], default=None),
         }
         for k in lat_keys:
             s[t][k] = med([r.get(k) for r in rs])
@@ -231,16 +240,20 @@ def table(tsv, meta_path):
           "(CPU: lowest µs/req = %s; req/s: highest = %s)." % (
               md.get("rounds", "?"), fmt_num(bcpu, "%.1f"), fmt_num(brps)))
         w("")
-        w("| target | req/s | p50 | p99 | CPU µs/req | CPU ratio | req/s ratio | CPU µs/req per run | errors |")
-        w("|---|---|---|---|---|---|---|---|---|")
+        w("| target | req/s | p50 | p99 | CPU µs/req | CPU ratio | req/s ratio | CPU µs/req per run | errors | other load |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for t, v in s.items():
             per_run = ", ".join(fmt_num(c, "%.1f") for c in v["cpu_all"]) if t != "direct" else "—"
-            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 t, fmt_num(v["rps"]), fmt_us(v["p50"]), fmt_us(v["p99"]),
                 fmt_num(v["cpu"], "%.1f") if t != "direct" else "— (no proxy)",
                 fmt_ratio(ratio(v["cpu"], bcpu)) if t != "direct" else "—",
                 fmt_ratio(ratio(v["rps"], brps)),
-                per_run, v["errors"]))
+                per_run, v["errors"], fmt_pct(v["other"])))
+        w("")
+        w("*other load*: the most CPU that processes outside the benchmark (builds, ...) used during "
+          "one of the runs, in % of one core; above ~10 % the req/s and latency figures of that run "
+          "are disturbed (CPU µs/req much less so).")
         w("")
 
     # ---- HTTP/2 (h2load) -------------------------------------------------------
@@ -257,14 +270,14 @@ def table(tsv, meta_path):
         w("")
         if s2:
             brps, bcpu = best_peer(s2)
-            w("| target | req/s | mean latency | CPU µs/req | CPU ratio | req/s ratio | errors |")
-            w("|---|---|---|---|---|---|---|")
+            w("| target | req/s | mean latency | CPU µs/req | CPU ratio | req/s ratio | errors | other load |")
+            w("|---|---|---|---|---|---|---|---|")
             for t, v in s2.items():
-                w("| %s | %s | %s | %s | %s | %s | %s |" % (
+                w("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     t, fmt_num(v["rps"]), fmt_us(v["mean"]),
                     fmt_num(v["cpu"], "%.1f") if t != "direct" else "— (no proxy)",
                     fmt_ratio(ratio(v["cpu"], bcpu)) if t != "direct" else "—",
-                    fmt_ratio(ratio(v["rps"], brps)), v["errors"]))
+                    fmt_ratio(ratio(v["rps"], brps)), v["errors"], fmt_pct(v["other"])))
         if md.get("h2 skipped"):
             w("")
             w("Not run over HTTP/2: %s" % md["h2 skipped"])
@@ -292,8 +305,8 @@ def table(tsv, meta_path):
                 md.get("fixed rate", "?"), md.get("fixed rate basis", "")))
             w("")
             extra_h = " intended p99 | client lag p99 | client CPU |" if python else ""
-            w("| target | achieved req/s | p50 | p99 | added p99 vs direct | CPU µs/req |%s errors |" % extra_h)
-            w("|---|---|---|---|---|---|%s---|" % ("---|---|---|" if python else ""))
+            w("| target | achieved req/s | p50 | p99 | added p99 vs direct | CPU µs/req |%s errors | other load |" % extra_h)
+            w("|---|---|---|---|---|---|%s---|---|" % ("---|---|---|" if python else ""))
             by = {}
             for r in fixed:
                 by.setdefault(r["target"], []).append(r)
@@ -318,9 +331,10 @@ def table(tsv, meta_path):
                 if python:
                     extra = " %s | %s | %s |" % (fmt_us(fpy(t, "intended_p99_us")), fmt_us(fpy(t, "lag_p99_us")),
                                                  fmt_num(fpy(t, "client_cpu_pct"), "%.0f %%"))
-                w("| %s | %s | %s | %s | %s | %s |%s %s |" % (
+                other = max([r["other_pct"] for r in by[t] if r.get("other_pct") is not None], default=None)
+                w("| %s | %s | %s | %s | %s | %s |%s %s | %s |" % (
                     t, fmt_num(fm(t, "rps")), fmt_us(fm(t, "p50")), fmt_us(p99), added_s,
-                    fmt_num(fm(t, "cpu_us"), "%.1f") if t != "direct" else "—", extra, errs))
+                    fmt_num(fm(t, "cpu_us"), "%.1f") if t != "direct" else "—", extra, errs, fmt_pct(other)))
         if md.get("fixed-rate skipped"):
             w("")
             w("Not run: %s" % md["fixed-rate skipped"])
@@ -330,18 +344,23 @@ def table(tsv, meta_path):
     w("## Every run (in the order they ran)")
     w("")
     w("Upstream share = requests served by upstream 1/2/3 in % (nginx stub_status); "
-      "upstream CPU = the three upstream nginx processes' CPU µs per request.")
+      "upstream CPU = the three upstream nginx processes' CPU µs per request; new upstream conns = "
+      "connections the upstreams accepted during the run (a proxy that reuses its keep-alive "
+      "connections opens few); client CPU and "
+      "other load (everything else on the machine) in % of one core over the run.")
     w("")
-    w("| # | kind | target | round | req/s | p50 / mean | p99 | CPU µs/req | upstream CPU µs/req | upstream share % | non-2xx | socket errors |")
-    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    w("| # | kind | target | round | req/s | p50 / mean | p99 | CPU µs/req | upstream CPU µs/req | upstream share % | new upstream conns | client CPU | other load | non-2xx | socket errors |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(runs, 1):
         if r["kind"] == "h2":
             lat50, lat99 = r.get("mean"), None
         else:
             lat50, lat99 = r.get("p50"), r.get("p99")
-        w("| %d | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        w("| %d | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             i, r["kind"], r["target"], r["round"], fmt_num(r.get("rps")), fmt_us(lat50), fmt_us(lat99),
             fmt_num(r.get("cpu_us"), "%.1f"), fmt_num(r.get("up_cpu_us"), "%.1f"), share(r["ups"]),
+            fmt_num(r.get("new_conns"), "%d"),
+            fmt_pct(r.get("client_pct")), fmt_pct(r.get("other_pct")),
             r.get("non2xx", 0), r.get("sockerr", 0)))
     w("")
     problems = [r for r in runs if (r.get("non2xx") or 0) + (r.get("sockerr") or 0) > 0 or not r.get("rps")]

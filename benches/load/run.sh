@@ -36,6 +36,10 @@
 #   CELLGATE_BIN=       use this binary instead (implies BUILD=0)
 #   CARGO_TARGET_DIR    honoured for the build and for finding the binary (default: target/)
 #   INSTALL=1           apt-get install missing nginx/haproxy/wrk/h2load/curl/python3 (0 = fail instead)
+#   QUIET_WAIT=15       before each run, wait up to this many seconds for other processes on the
+#                       machine (builds...) to use <= QUIET_MAX % (default 10) of one core; 0 = don't
+#   NICE=               e.g. -10: run the whole benchmark (client, proxies, upstreams) at this
+#                       niceness, so that builds running beside it disturb it less (needs root)
 #   OUT_DIR=bench-results   where the report goes (relative to the repository root)
 #   KEEP_WORK=0         keep the temporary directory with configs and logs
 set -Eeuo pipefail
@@ -59,6 +63,9 @@ FIXED_PROCS=${FIXED_PROCS:-1}
 BUILD=${BUILD:-1}
 CELLGATE_BIN=${CELLGATE_BIN:-}
 INSTALL=${INSTALL:-1}
+NICE=${NICE:-}
+QUIET_WAIT=${QUIET_WAIT:-15}
+QUIET_MAX=${QUIET_MAX:-10}
 OUT_DIR=${OUT_DIR:-bench-results}
 KEEP_WORK=${KEEP_WORK:-0}
 
@@ -82,6 +89,9 @@ DUR_S=$(secs "$DURATION"); H2_DUR_S=$(secs "$H2_DURATION"); WARM_S=$(secs "$WARM
 [[ $WARM_S =~ ^[0-9]+$ ]] || die "WARMUP must be like 2s or 0 (got $WARMUP)"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 && $ROUNDS -le 50 ]] || die "ROUNDS must be 1..50"
 [[ $CONNECTIONS =~ ^[0-9]+$ && $CONNECTIONS -ge 1 && $CONNECTIONS -le 10000 ]] || die "CONNECTIONS must be 1..10000"
+[[ -z $NICE || $NICE =~ ^-?[0-9]+$ ]] || die "NICE must be a niceness like -10"
+[[ $QUIET_WAIT =~ ^[0-9]+$ && $QUIET_WAIT -le 600 ]] || die "QUIET_WAIT must be 0..600 (seconds)"
+[[ $QUIET_MAX =~ ^[0-9]+$ ]] || die "QUIET_MAX must be a whole percentage"
 [[ $FIXED_CLIENT == wrk || $FIXED_CLIENT == python ]] || die "FIXED_CLIENT must be wrk or python"
 [[ $FIXED_CONNECTIONS =~ ^[0-9]+$ && $FIXED_CONNECTIONS -ge 1 && $FIXED_CONNECTIONS -le 10000 ]] || die "FIXED_CONNECTIONS must be 1..10000"
 [[ $FIXED_PROCS =~ ^[0-9]+$ && $FIXED_PROCS -ge 1 && $FIXED_PROCS -le 16 ]] || die "FIXED_PROCS must be 1..16"
@@ -122,6 +132,11 @@ else
   fi
 fi
 [[ -x $BIN ]] || die "cellgate binary not found at $BIN (build it or set CELLGATE_BIN)"
+
+if [[ -n $NICE ]]; then
+  renice -n "$NICE" -p $$ >/dev/null || die "renice -n $NICE failed (root needed for a negative niceness)"
+  log "running at niceness $NICE"
+fi
 
 # ------------------------------------------------------- process control ----
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cellgate-load.XXXXXX")
@@ -180,6 +195,39 @@ cpu_ticks() {
   echo "$total"
 }
 
+# busy clock ticks of all CPUs that processes account for (user nice system)
+# plus steal, from the /proc/stat "cpu" line; irq/softirq time (loopback
+# packet processing) is left out: no process is charged for it
+busy_ticks() {
+  local -a c
+  read -r -a c </proc/stat
+  echo $((c[1] + c[2] + c[3] + c[8]))
+}
+
+# utime+stime of the children this shell has waited for (fields 16, 17 of
+# /proc/$$/stat): the load client of each run, which runs in the foreground
+client_ticks() {
+  local stat rest
+  local -a f
+  stat=$(<"/proc/$$/stat")
+  rest=${stat##*) }
+  read -r -a f <<<"$rest"
+  echo $((f[13] + f[14]))
+}
+
+# wait (at most QUIET_WAIT s) until the machine is quiet: other processes
+# (builds, ...) using less than QUIET_MAX % of one core over a 1 s sample
+wait_quiet() {
+  local i b0 b1 pct=0
+  ((QUIET_WAIT > 0)) || return 0
+  for ((i = 0; i < QUIET_WAIT; i++)); do
+    b0=$(busy_ticks); sleep 1; b1=$(busy_ticks)
+    pct=$(((b1 - b0) * 100 / HZ))
+    ((pct <= QUIET_MAX)) && return 0
+  done
+  log "note: other processes still use ${pct}% of a core after waiting ${QUIET_WAIT}s; measuring anyway"
+}
+
 children() { ps -o pid= --ppid "$1" | tr -s ' \n' ' '; }
 
 # the worker processes of an nginx master (waits at most 5 s for them to appear)
@@ -193,11 +241,11 @@ nginx_workers() {
   die "nginx master $1 started no worker"
 }
 
-# requests served so far by one upstream (nginx stub_status)
-up_requests() {
+# "<accepted connections> <requests>" so far of one upstream (nginx stub_status)
+up_counters() {
   local out
-  out=$(curl -s --max-time 2 "http://127.0.0.1:$1/") || { echo -; return; }
-  awk 'NR==3 {print $3}' <<<"$out"
+  out=$(curl -s --max-time 2 "http://127.0.0.1:$1/") || { echo "- -"; return; }
+  awk 'NR==3 {print $1, $3}' <<<"$out"
 }
 
 USER_LINE=
@@ -273,8 +321,8 @@ wait_port "$UPH2" "upstream 1 (h2c)"
 UP_ALL=("${UP_PIDS[@]}")
 for p in "${UP_PIDS[@]}"; do
   kids=$(nginx_workers "$p")
-  # shellcheck disable=SC2206
-  UP_ALL+=($kids); PIDS+=($kids)
+  read -r -a kids <<<"$kids"
+  UP_ALL+=("${kids[@]}"); PIDS+=("${kids[@]}")
 done
 log "upstreams on 127.0.0.1:$UP1 $UP2 $UP3 (h2c on $UPH2)"
 
@@ -430,31 +478,38 @@ RAW=$OUT_DIR/load-$STAMP
 mkdir -p "$RAW"
 RESULTS=$RAW/results.tsv
 META=$RAW/meta.tsv
-printf '# kind\ttarget\tround\traw\tproxy_ticks\tupstream_ticks\tup1\tup2\tup3\telapsed_s\n' >"$RESULTS"
+printf '# kind\ttarget\tround\traw\tproxy_ticks\tupstream_ticks\tup1\tup2\tup3\telapsed_s\tclient_ticks\tother_ticks\tupstream_new_conns\n' >"$RESULTS"
 
-ups_snapshot() { echo "$(up_requests "$ST1") $(up_requests "$ST2") $(up_requests "$ST3")"; }
+# acc1 req1 acc2 req2 acc3 req3
+ups_snapshot() { echo "$(up_counters "$ST1") $(up_counters "$ST2") $(up_counters "$ST3")"; }
 delta() { [[ $1 == - || $2 == - ]] && { echo -; return; }; echo $(($2 - $1)); }
 
 # measure: kind target round rawfile -- command...
 measure() {
   local kind=$1 t=$2 r=$3 raw=$4; shift 5
-  local p0 p1 u0 u1 s0 s1 t0 t1 pids=${TPIDS[$t]:-}
+  local p0 p1 u0 u1 s0 s1 t0 t1 b0 b1 c0 c1 pids=${TPIDS[$t]:-}
+  wait_quiet
   # shellcheck disable=SC2086
   { [[ -n $pids ]] && p0=$(cpu_ticks $pids); } || p0=-
   u0=$(cpu_ticks "${UP_ALL[@]}"); read -r -a s0 <<<"$(ups_snapshot)"
-  t0=$(date +%s.%N)
+  c0=$(client_ticks); b0=$(busy_ticks); t0=$(date +%s.%N)
   "$@" >"$raw" 2>&1 || log "warning: $kind $t round $r: client exited non-zero (see $raw)"
-  t1=$(date +%s.%N)
+  t1=$(date +%s.%N); b1=$(busy_ticks); c1=$(client_ticks)
   # shellcheck disable=SC2086
   { [[ -n $pids ]] && p1=$(cpu_ticks $pids); } || p1=-
   u1=$(cpu_ticks "${UP_ALL[@]}"); read -r -a s1 <<<"$(ups_snapshot)"
-  # stub_status counts its own request: subtract it from the snapshot deltas
-  local d1 d2 d3
-  d1=$(delta "${s0[0]}" "${s1[0]}"); d2=$(delta "${s0[1]}" "${s1[1]}"); d3=$(delta "${s0[2]}" "${s1[2]}")
+  # stub_status counts its own connection and request: subtract them from the deltas
+  local d1 d2 d3 a1 a2 a3 acc pt
+  d1=$(delta "${s0[1]}" "${s1[1]}"); d2=$(delta "${s0[3]}" "${s1[3]}"); d3=$(delta "${s0[5]}" "${s1[5]}")
+  a1=$(delta "${s0[0]}" "${s1[0]}"); a2=$(delta "${s0[2]}" "${s1[2]}"); a3=$(delta "${s0[4]}" "${s1[4]}")
   [[ $d1 != - ]] && d1=$((d1 - 1)); [[ $d2 != - ]] && d2=$((d2 - 1)); [[ $d3 != - ]] && d3=$((d3 - 1))
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$t" "$r" "$raw" \
-    "$([[ $p0 == - ]] && echo - || echo $((p1 - p0)))" "$((u1 - u0))" "$d1" "$d2" "$d3" \
-    "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')" >>"$RESULTS"
+  if [[ $a1 == - || $a2 == - || $a3 == - ]]; then acc=-; else acc=$((a1 + a2 + a3 - 3)); fi
+  if [[ $p0 == - ]]; then pt=-; else pt=$((p1 - p0)); fi
+  # other = CPU used on the machine by anything but this benchmark's processes
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$t" "$r" "$raw" \
+    "$pt" "$((u1 - u0))" "$d1" "$d2" "$d3" \
+    "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')" "$((c1 - c0))" \
+    "$(( (b1 - b0) - (u1 - u0) - (c1 - c0) - ${pt/-/0} ))" "$acc" >>"$RESULTS"
 }
 
 for t in $TARGETS; do for p in ${TPIDS[$t]:-}; do kill -0 "$p" 2>/dev/null || die "$t process $p died"; done; done
@@ -535,6 +590,12 @@ fi
 # ---------------------------------------------------------------- table ----
 h2_skip=
 [[ $H2 == 1 ]] || h2_skip="H2=0"
+CG_LOG_NOTE=
+if [[ -f $WORK/cellgate/stderr.log ]]; then
+  cp "$WORK/cellgate/stderr.log" "$RAW/cellgate-stderr.log"
+  n_warn=$(grep -c -E 'WARN|ERROR' "$RAW/cellgate-stderr.log" || true)
+  CG_LOG_NOTE="$n_warn WARN/ERROR lines in its stderr (${RAW#"$ROOT"/}/cellgate-stderr.log)"
+fi
 read -r -a CPUSTAT1 < /proc/stat
 # busy and steal share of all CPU time during the measurements (/proc/stat "cpu" line)
 cpu_share() {
@@ -551,12 +612,13 @@ cpu_share() {
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
   printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
-  printf 'cellgate\t%s (%s)\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)"
+  printf 'cellgate\t%s (%s)%s\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+    "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
     "$(wrk -v 2>&1 | awk 'NR==1{print $2}')" "$(h2load --version 2>&1 | awk '{print $2}')"
-  printf 'settings\tDURATION=%s ROUNDS=%s CONNECTIONS=%s WARMUP=%s, targets alternate: %s\n' \
-    "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$TARGETS"
+  printf 'settings\tDURATION=%s ROUNDS=%s CONNECTIONS=%s WARMUP=%s QUIET_WAIT=%s%s, targets alternate: %s\n' \
+    "$DURATION" "$ROUNDS" "$CONNECTIONS" "$WARMUP" "$QUIET_WAIT" "${NICE:+ NICE=$NICE (every benchmark process)}" "$TARGETS"
   printf 'upstreams\t3 × nginx (worker_processes 1, return 200, keep-alive), one per cell; CPU µs/req = proxy utime+stime (all threads; nginx master+worker) / requests, CLK_TCK=%s\n' "$HZ"
   printf 'duration\t%s\n' "$DURATION"
   printf 'rounds\t%s\n' "$ROUNDS"
@@ -571,5 +633,4 @@ cpu_share() {
 } >"$META"
 python3 "$HERE/report.py" table "$RESULTS" "$META" >"$OUT_DIR/load-$STAMP.md"
 cat "$OUT_DIR/load-$STAMP.md"
-for f in "$WORK"/cellgate/stderr.log; do [[ -f $f ]] && cp "$f" "$RAW/cellgate-stderr.log"; done
 log "report: ${OUT_DIR#"$ROOT"/}/load-$STAMP.md"

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod docs;
 mod error;
 pub mod etcd;
+mod health;
 pub mod lkg;
 mod model;
 pub mod mutate;
@@ -25,6 +26,7 @@ mod validate;
 
 pub use audit::AuditRecord;
 pub use error::{ConfigError, Issue};
+pub use health::*;
 pub use model::*;
 pub use mutate::{Impact, MutateError, Mutation};
 pub use validate::{parse_duration, parse_range, valid_id};

@@ -38,6 +38,15 @@ pub struct Config {
     /// Gray rules.
     #[serde(default)]
     pub gray: Vec<GrayCfg>,
+    /// Health: probes, outlier ejection, breakers, failover, weights, retries.
+    #[serde(default)]
+    pub health: crate::health::HealthCfg,
+    /// Load shedding by SLO class.
+    #[serde(default)]
+    pub shedding: crate::health::SheddingCfg,
+    /// Traces and logs.
+    #[serde(default)]
+    pub telemetry: TelemetryCfg,
     /// The etcd configuration store (off unless given; `--etcd` also switches it on). With
     /// etcd, the routing part of this file (regions, routing, timeouts, cells, slots,
     /// overrides, gray) is only the fallback for an empty store; etcd is the source.
@@ -62,6 +71,31 @@ pub struct EtcdCfg {
 /// Default etcd key prefix.
 pub fn default_prefix() -> String {
     "/cellgate/".into()
+}
+
+/// `telemetry:` — OpenTelemetry export. Read at start; changing it needs a restart.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryCfg {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces` (off when unset).
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans (default `cellgate`).
+    #[serde(default = "default_service")]
+    pub service_name: String,
+}
+
+impl Default for TelemetryCfg {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service(),
+        }
+    }
+}
+
+fn default_service() -> String {
+    "cellgate".into()
 }
 
 /// Listeners.
@@ -381,6 +415,33 @@ pub struct GrayCfg {
     /// Only when this header has this value.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
+    /// Switch the rule off automatically when its tagged instances do worse than the
+    /// untagged ones of the same cells (over the instance window, `health.outlier.window`).
+    #[serde(default)]
+    pub guard: Option<GuardCfg>,
+}
+
+/// A canary guard.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardCfg {
+    /// Error ratio of tagged minus untagged above which the rule is switched off (default 0.02).
+    #[serde(default = "default_error_delta")]
+    pub max_error_delta: f64,
+    /// p95 latency of tagged minus untagged, in ms, above which the rule is switched off.
+    #[serde(default)]
+    pub max_p95_delta_ms: Option<u64>,
+    /// Requests to the tagged instances in the window before the guard judges (default 50).
+    #[serde(default = "default_guard_min")]
+    pub min_requests: u64,
+}
+
+fn default_error_delta() -> f64 {
+    0.02
+}
+
+fn default_guard_min() -> u64 {
+    50
 }
 
 fn default_true() -> bool {

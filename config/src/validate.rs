@@ -456,11 +456,35 @@ impl Config {
                     is.push(format!("{p}.percent"), format!("{pc} is outside 0-100"));
                 }
             }
+            if let Some(guard) = &g.guard {
+                if !(0.0..=1.0).contains(&guard.max_error_delta) {
+                    is.push(
+                        format!("{p}.guard.max_error_delta"),
+                        format!("{} is outside 0-1", guard.max_error_delta),
+                    );
+                }
+                if guard.min_requests == 0 {
+                    is.push(format!("{p}.guard.min_requests"), "must be positive");
+                }
+            }
             if g.tag.is_empty() || !g.tag.bytes().all(|b| b.is_ascii_graphic()) {
                 is.push(format!("{p}.tag"), "must be non-empty visible ASCII");
             }
         }
 
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            let ok = e
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
+            if !ok {
+                is.push(
+                    "telemetry.otlp_endpoint",
+                    format!("{e:?} must be an http:// URL such as http://127.0.0.1:4318/v1/traces"),
+                );
+            }
+        }
+        self.health.to_policy(&mut is.0);
+        self.shedding.check(&mut is.0);
         if is.0.is_empty() {
             Ok(())
         } else {
@@ -498,7 +522,8 @@ impl Config {
                 self.routing.anonymous.policy == AnonymousPolicyCfg::Reject,
                 self.routing.anonymous.default_region.clone(),
             )
-            .timeouts(self.timeouts());
+            .timeouts(self.timeouts())
+            .health(self.health.to_policy(&mut Vec::new()));
         for r in &self.regions {
             b = b.region(r.clone());
         }
@@ -563,6 +588,11 @@ impl Config {
                 percent: g.percent,
                 regions: g.regions.clone(),
                 header: g.header.as_ref().map(|h| (h.name.clone(), h.value.clone())),
+                guard: g.guard.as_ref().map(|x| cellgate_routing::GrayGuard {
+                    max_error_delta: x.max_error_delta,
+                    max_p95_delta_ms: x.max_p95_delta_ms,
+                    min_requests: x.min_requests,
+                }),
             });
         }
         b.build(health).map_err(|e| match e {

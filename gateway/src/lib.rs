@@ -39,11 +39,15 @@
 pub mod admin;
 pub mod audit;
 pub mod control;
+pub mod controller;
 pub mod ctl;
 pub mod demo;
+pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 
 pub use server::{Gateway, RunOptions};

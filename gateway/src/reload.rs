@@ -40,10 +40,12 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
     };
     match result {
         Ok(v) => {
+            shared.metrics.reload("file", true);
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)
         }
         Err(e) => {
+            shared.metrics.reload("file", false);
             tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
             Reloaded::Rejected(e)
         }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use cellgate_config::Config;
-use cellgate_health::{EjectionPolicy, HealthRegistry};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cellgate_health::HealthRegistry;
 use cellgate_routing::RoutingTable;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -39,28 +41,161 @@ where
 pub struct Shared {
     /// The current routing table: one immutable snapshot, swapped whole.
     pub table: ArcSwap<RoutingTable>,
-    /// Health state by instance identity; survives table swaps.
+    /// Health state by cell and instance identity; survives table swaps.
     pub health: HealthRegistry,
-    /// Passive ejection settings.
-    pub ejection: EjectionPolicy,
-    /// Control plane: desired configuration, store status, audit log (never read on the
-    /// request path).
+    /// The only writer of `table`: the configuration it is built from. Reloads, health
+    /// transitions and weight updates all go through it, so none is lost. Never taken on
+    /// the request path.
+    pub writer: tokio::sync::Mutex<TableWriter>,
+    /// Requests in flight through the gateway (load shedding).
+    pub in_flight: AtomicU64,
+    /// Shedding limits by SLO class.
+    pub shedding: SheddingLimits,
+    /// Recent cell switches (newest last), for operators.
+    pub switches: std::sync::Mutex<std::collections::VecDeque<SwitchEvent>>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// OTLP span exporter, when configured.
+    pub traces: Option<crate::telemetry::Exporter>,
+    /// Control plane: where the desired configuration comes from (file + admin overlay, or
+    /// etcd), store status, audit log. Never read on the request path.
     pub control: crate::control::ControlState,
 }
 
+/// Builds tables from the current configuration.
+#[derive(Debug)]
+pub struct TableWriter {
+    /// The configuration tables are built from.
+    pub config: Config,
+    /// Gray rules switched off by their guard.
+    pub gray_overlay: GrayOverlay,
+}
+
+impl TableWriter {
+    /// A writer over `config`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            gray_overlay: GrayOverlay::default(),
+        }
+    }
+}
+
+/// Gray rules switched off by their canary guard: rule name → (the rule as configured when
+/// it tripped, why). A reload keeps a rule off unless the operator changed that rule.
+#[derive(Debug, Clone, Default)]
+pub struct GrayOverlay(pub std::collections::BTreeMap<String, (cellgate_config::GrayCfg, String)>);
+
+impl GrayOverlay {
+    /// Forget trips of rules that `config` changed or removed.
+    pub fn rearm(&mut self, config: &Config) {
+        self.0
+            .retain(|name, (was, _)| config.gray.iter().any(|g| &g.name == name && g == was));
+    }
+
+    /// `config` with the tripped rules switched off.
+    pub fn apply(&self, config: &Config) -> Config {
+        let mut c = config.clone();
+        for g in c.gray.iter_mut() {
+            if self.0.get(&g.name).is_some_and(|(was, _)| was == g) {
+                g.enabled = false;
+            }
+        }
+        c
+    }
+}
+
+/// In-flight limits per SLO class (critical, standard, best-effort).
+#[derive(Debug, Default)]
+pub struct SheddingLimits {
+    /// Critical requests are shed past this.
+    pub max: AtomicU64,
+    /// Standard requests are shed past this.
+    pub standard: AtomicU64,
+    /// Best-effort requests are shed past this.
+    pub best_effort: AtomicU64,
+}
+
+impl SheddingLimits {
+    /// Apply a configuration's `shedding:` section.
+    pub fn apply(&self, c: &cellgate_config::SheddingCfg) {
+        let max = c.max_in_flight.max(1);
+        self.max.store(max, Ordering::Relaxed);
+        self.standard.store(
+            ((max as f64) * c.standard_at).floor().max(1.0) as u64,
+            Ordering::Relaxed,
+        );
+        self.best_effort.store(
+            ((max as f64) * c.best_effort_at).floor().max(1.0) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// One automatic or manual cell switch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchEvent {
+    /// Unix time, milliseconds.
+    pub at_unix_ms: u64,
+    /// Cell.
+    pub cell: String,
+    /// `failed_over` or `returned`.
+    pub action: &'static str,
+    /// Why.
+    pub reason: String,
+    /// From detection to the new table serving, in milliseconds.
+    pub switch_ms: f64,
+    /// How long the cell was failed over (for returns), in milliseconds.
+    pub failed_over_ms: Option<u64>,
+    /// Table version that carries the switch.
+    pub table_version: u64,
+}
+
 impl Shared {
-    /// Shared state around a first table and a control plane.
+    /// Shared state around a first table built from `config`, and a control plane.
     pub fn with_control(
         table: RoutingTable,
         health: HealthRegistry,
+        config: Config,
         control: crate::control::ControlState,
+        traces: Option<crate::telemetry::Exporter>,
     ) -> Self {
+        let shedding = SheddingLimits::default();
+        shedding.apply(&config.shedding);
         Self {
             table: ArcSwap::from_pointee(table),
             health,
-            ejection: EjectionPolicy::default(),
+            writer: tokio::sync::Mutex::new(TableWriter::new(config)),
+            in_flight: AtomicU64::new(0),
+            shedding,
+            switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            metrics: crate::metrics::Metrics::default(),
+            traces,
             control,
         }
+    }
+
+    /// Build a new table version from `writer.config` and swap it in. Caller holds the writer.
+    pub fn rebuild(&self, writer: &TableWriter) -> Result<u64, cellgate_config::ConfigError> {
+        let next = self.table.load().version() + 1;
+        let table = writer
+            .gray_overlay
+            .apply(&writer.config)
+            .build_table(next, &self.health)?;
+        self.table.store(Arc::new(table));
+        Ok(next)
+    }
+
+    /// Remember a switch (bounded history).
+    pub fn push_switch(&self, e: SwitchEvent) {
+        let mut q = match self.switches.lock() {
+            Ok(q) => q,
+            Err(p) => p.into_inner(),
+        };
+        if q.len() >= 1000 {
+            q.pop_front();
+        }
+        q.push_back(e);
     }
 }
 
@@ -105,6 +240,8 @@ pub struct RunOptions {
     pub workers: Option<usize>,
     /// How often the file is checked for changes.
     pub watch_interval: Duration,
+    /// How often the health controller publishes weights and evaluates cell failover.
+    pub health_tick: Duration,
     /// Override of `admin.listen`.
     pub admin_listen: Option<String>,
     /// Admin token (`CELLGATE_ADMIN_TOKEN`), overriding `admin.token`.
@@ -128,6 +265,7 @@ impl RunOptions {
             listen: None,
             workers: None,
             watch_interval: Duration::from_millis(250),
+            health_tick: Duration::from_millis(100),
             admin_listen: None,
             admin_token: None,
             etcd: None,
@@ -139,7 +277,6 @@ impl RunOptions {
 }
 
 /// A started gateway: listeners bound, workers running.
-#[derive(Debug)]
 pub struct Gateway {
     /// Shared state.
     pub shared: Arc<Shared>,
@@ -150,8 +287,22 @@ pub struct Gateway {
     /// Bound admin API address.
     pub admin_addr: SocketAddr,
     opts: RunOptions,
+    exporter_task: Option<BoxTask>,
     control: crate::control::ControlRuntime,
 }
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("http_addr", &self.http_addr)
+            .field("tls_addr", &self.tls_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+/// A background task the gateway starts when it runs.
+pub type BoxTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Bind a listening socket (address reuse on, non-blocking).
 pub fn bind_listener(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
@@ -187,7 +338,20 @@ impl Gateway {
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
         let health = HealthRegistry::new();
         let boot = crate::control::boot(&opts, &health)?;
-        let shared = Arc::new(Shared::with_control(boot.table, health, boot.state));
+        let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
+            Some(endpoint) => {
+                let (e, task) = crate::telemetry::Exporter::new(
+                    endpoint.clone(),
+                    opts.config.telemetry.service_name.clone(),
+                );
+                (Some(e), Some(Box::pin(task) as BoxTask))
+            }
+            None => (None, None),
+        };
+        let desired = boot.state.desired().config.clone();
+        let shared = Arc::new(Shared::with_control(
+            boot.table, health, desired, boot.state, traces,
+        ));
 
         let http_listen = opts
             .listen
@@ -242,6 +406,7 @@ impl Gateway {
             tls_addr,
             admin_addr,
             opts,
+            exporter_task,
             control: boot.runtime,
         })
     }
@@ -271,6 +436,13 @@ impl Gateway {
                     self.opts.watch_interval,
                     hup,
                 ));
+            }
+            tokio::spawn(crate::controller::run(
+                Arc::clone(&self.shared),
+                self.opts.health_tick,
+            ));
+            if let Some(task) = self.exporter_task {
+                tokio::spawn(task);
             }
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),

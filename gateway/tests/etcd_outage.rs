@@ -50,7 +50,7 @@ async fn an_etcd_outage_under_load_fails_nothing_and_changes_made_meanwhile_appl
     keys.extend(keys_of(&yaml, "b", 20));
     keys.extend(keys_of(&yaml, "c", 20));
     // Bounded load: 4 connections × one request every 20 ms ≈ 200 requests/s.
-    let load = Load::start(gw.addr, 4, Duration::from_millis(20), keys);
+    let load = PacedLoad::start(gw.addr, 4, Duration::from_millis(20), keys);
 
     let t0 = Instant::now();
     etcd.kill(0);
@@ -187,7 +187,7 @@ async fn losing_one_member_of_three_under_load_fails_nothing_and_mutations_keep_
     let adm = gw.admin_addr.unwrap();
     let mut keys = keys_of(&yaml, "a", 20);
     keys.extend(keys_of(&yaml, "c", 20));
-    let load = Load::start(gw.addr, 4, Duration::from_millis(20), keys);
+    let load = PacedLoad::start(gw.addr, 4, Duration::from_millis(20), keys);
 
     let r = admin(adm, Method::POST, "/admin/cells/c/drain", None).await;
     assert!(r.is_ok(), "{r:?}");

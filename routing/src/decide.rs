@@ -13,6 +13,7 @@ use crate::gray::GrayRule;
 use crate::slot::slot_of;
 use crate::table::{AnonymousPolicy, CellIdx, CellState, RoutingTable};
 use crate::wrr::SmoothWrr;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// What a decision needs to know about a request.
 #[derive(Clone, Copy, Debug, Default)]
@@ -29,6 +30,8 @@ pub struct RouteInput<'a> {
     pub now_ms: u64,
     /// A random number spreading keyless requests over cells by weight.
     pub spread: u64,
+    /// A cell to pass over (a retry leaving a cell whose instances all failed to connect).
+    pub avoid: Option<CellIdx>,
 }
 
 /// Why a cell was chosen.
@@ -92,13 +95,19 @@ impl RoutingTable {
     /// The key's slot, home cell, and whether an override pinned it.
     #[inline]
     pub fn home_of(&self, key: &str) -> (u32, CellIdx, bool) {
-        let slot = slot_of(key.as_bytes(), self.slot_count);
+        let hash = xxh3_64(key.as_bytes());
+        let slot = (hash % u64::from(self.slot_count)) as u32;
         if !self.overrides.is_empty() {
-            if let Some(&c) = self.overrides.get(key) {
+            if let Some(c) = self.overrides.get(hash, key) {
                 return (slot, c, true);
             }
         }
         (slot, self.slots[slot as usize], false)
+    }
+
+    #[inline]
+    fn serves(&self, c: CellIdx, now: u64, avoid: Option<CellIdx>) -> bool {
+        avoid != Some(c) && self.cells[usize::from(c)].is_serving(now, &self.health)
     }
 
     /// Decide the serving cell of a request.
@@ -118,7 +127,7 @@ impl RoutingTable {
             return self.decide_keyless(input);
         };
         let cell = &self.cells[usize::from(home)];
-        if cell.is_serving(now) {
+        if self.serves(home, now, input.avoid) {
             let reason = if forced {
                 Reason::Forced
             } else if via_override {
@@ -134,7 +143,7 @@ impl RoutingTable {
             });
         }
         for &target in &cell.failover {
-            if self.cells[usize::from(target)].is_serving(now) {
+            if self.serves(target, now, input.avoid) {
                 return Ok(Decision {
                     cell: target,
                     home: Some(home),
@@ -167,21 +176,24 @@ impl RoutingTable {
             .or(default_region);
         let now = input.now_ms;
         let pick = |in_region: &dyn Fn(u16) -> bool| -> Option<CellIdx> {
-            let eligible = |c: &crate::table::Cell| {
-                in_region(c.region_idx) && c.weight > 0 && c.is_serving(now)
+            let eligible = |i: usize, c: &crate::table::Cell| {
+                in_region(c.region_idx)
+                    && c.weight > 0
+                    && self.serves(i as CellIdx, now, input.avoid)
             };
             let total: u64 = self
                 .cells
                 .iter()
-                .filter(|c| eligible(c))
-                .map(|c| u64::from(c.weight))
+                .enumerate()
+                .filter(|(i, c)| eligible(*i, c))
+                .map(|(_, c)| u64::from(c.weight))
                 .sum();
             if total == 0 {
                 return None;
             }
             let mut point = input.spread % total;
             for (i, c) in self.cells.iter().enumerate() {
-                if eligible(c) {
+                if eligible(i, c) {
                     let w = u64::from(c.weight);
                     if point < w {
                         return Some(i as CellIdx);
@@ -220,10 +232,13 @@ impl RoutingTable {
         self.gray.iter().find(|r| r.matches(key, region, headers))
     }
 
-    /// Pick an instance of `cell` by smooth WRR among the available ones whose gray label
-    /// equals `tag` (or that have none, for an untagged request), falling back to the other
-    /// available instances when none matches. Instances whose bit is set in `tried`
-    /// (bit i = instance i) are skipped.
+    /// Pick an instance of `cell` by smooth WRR over the effective weights published in this
+    /// table, among the available instances whose gray label equals `tag` (or that have
+    /// none, for an untagged request), falling back to the other available instances when
+    /// none matches. Instances whose bit is set in `tried` (bit i = instance i) are skipped.
+    /// When fewer than the panic threshold of the instances are available, passive health
+    /// (ejection, breaker) is ignored for probe-up instances rather than concentrating all
+    /// load on the survivors.
     #[inline]
     pub fn pick_instance(
         &self,
@@ -234,25 +249,33 @@ impl RoutingTable {
         tried: u64,
     ) -> Option<usize> {
         let insts = &self.cells.get(usize::from(cell))?.instances;
+        let p = &*self.health;
         let usable = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
-        let exact = wrr.pick(insts.len(), |i| {
+        let panic = p.outlier.panic_threshold > 0.0 && {
+            let up = insts
+                .iter()
+                .filter(|i| i.health.is_available(now, p))
+                .count();
+            (up as f64) < p.outlier.panic_threshold * insts.len() as f64
+        };
+        let weight_of = |i: usize, want_tag: bool| -> u32 {
             let inst = &insts[i];
-            if usable(i) && inst.gray.as_deref() == tag && inst.health.is_available(now) {
-                inst.weight
-            } else {
-                0
+            if !usable(i) || inst.weight == 0 || (want_tag && inst.gray.as_deref() != tag) {
+                return 0;
             }
-        });
-        exact.or_else(|| {
-            wrr.pick(insts.len(), |i| {
-                let inst = &insts[i];
-                if usable(i) && inst.health.is_available(now) {
-                    inst.weight
-                } else {
-                    0
-                }
-            })
-        })
+            let ok = if panic {
+                inst.health.is_probe_up()
+            } else {
+                inst.health.is_available(now, p)
+            };
+            if !ok {
+                return 0;
+            }
+            // A weight not yet published (just recovered) still gets a trickle.
+            inst.effective.max(1)
+        };
+        wrr.pick(insts.len(), |i| weight_of(i, true))
+            .or_else(|| wrr.pick(insts.len(), |i| weight_of(i, false)))
     }
 
     /// Explain where `key` goes now.
@@ -300,7 +323,14 @@ impl RoutingTable {
             Reason::Failover { from, via_override } => {
                 let home = &self.cells[usize::from(from)];
                 let why = if home.state == CellState::Active {
-                    "has no healthy instance".to_owned()
+                    "has no healthy instance or its breaker is open".to_owned()
+                } else if home.state == CellState::FailedOver
+                    && home.configured_state == CellState::Active
+                {
+                    format!(
+                        "was failed over by health ({})",
+                        home.health.failover_reason()
+                    )
                 } else {
                     format!("is {}", home.state.as_str())
                 };

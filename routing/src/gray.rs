@@ -27,6 +27,20 @@ pub struct GraySpec {
     pub regions: Vec<String>,
     /// Header that must be present with this exact value.
     pub header: Option<(String, String)>,
+    /// Automatic switch-off.
+    pub guard: Option<GrayGuard>,
+}
+
+/// When a rule switches itself off: its tagged instances do worse than the untagged ones of
+/// the same cells by more than these deltas.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GrayGuard {
+    /// Error ratio delta.
+    pub max_error_delta: f64,
+    /// p95 latency delta in ms.
+    pub max_p95_delta_ms: Option<u64>,
+    /// Requests to tagged instances in the window before judging.
+    pub min_requests: u64,
 }
 
 /// What a rule matches on (built form).
@@ -52,6 +66,8 @@ pub struct GrayRule {
     pub enabled: bool,
     /// Conditions.
     pub when: GrayMatch,
+    /// Automatic switch-off.
+    pub guard: Option<GrayGuard>,
 }
 
 impl GrayRule {
@@ -96,6 +112,7 @@ impl GrayRule {
             tag: spec.tag.as_str().into(),
             tag_header,
             enabled: spec.enabled,
+            guard: spec.guard,
             when: GrayMatch {
                 keys: spec.keys.into_iter().map(String::into_boxed_str).collect(),
                 basis_points,

@@ -20,7 +20,7 @@ mod wrr;
 
 pub use decide::{Decision, Explain, ExplainError, Reason, RouteInput};
 pub use error::{DecideError, KeyError, TableError};
-pub use gray::{GrayMatch, GrayRule};
+pub use gray::{GrayGuard, GrayMatch, GrayRule};
 pub use key::{JwtSource, JwtVerify, KeySource, KeySources, MAX_KEY_LEN};
 pub use slot::{slot_of, DEFAULT_SLOT_COUNT};
 pub use table::{

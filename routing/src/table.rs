@@ -5,14 +5,16 @@
 //! except the shared, atomic health state of instances.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellgate_health::{HealthRegistry, InstanceHealth};
+use cellgate_health::{CellHealth, HealthPolicy, HealthRegistry, InstanceHealth};
 use http::HeaderValue;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::TableError;
 use crate::gray::GrayRule;
@@ -100,7 +102,7 @@ impl Default for Timeouts {
 }
 
 /// One upstream address of a cell.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Instance {
     /// Name, unique in its cell.
     pub name: Arc<str>,
@@ -108,8 +110,11 @@ pub struct Instance {
     pub addr: SocketAddr,
     /// Configured base weight.
     pub weight: u32,
+    /// Effective weight (× 100) published with this table: base × score × RTT term × slow
+    /// start, computed off the request path.
+    pub effective: u32,
     /// Labels, e.g. `gray: canary`.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Arc<BTreeMap<String, String>>,
     /// The `gray` label, if any.
     pub gray: Option<Arc<str>>,
     /// Shared health state (survives table swaps).
@@ -117,7 +122,7 @@ pub struct Instance {
 }
 
 /// One cell of a table.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cell {
     /// Cell id.
     pub id: Arc<str>,
@@ -127,8 +132,10 @@ pub struct Cell {
     pub region: Arc<str>,
     /// Region index in the table.
     pub region_idx: u16,
-    /// State.
+    /// State in this table (configured state, or `failed_over` when health failed it over).
     pub state: CellState,
+    /// State as configured (file, etcd or admin), before health.
+    pub configured_state: CellState,
     /// Base weight.
     pub weight: u32,
     /// Ordered failover targets.
@@ -137,14 +144,18 @@ pub struct Cell {
     pub instances: Vec<Instance>,
     /// Upstream protocol.
     pub protocol: UpstreamProtocol,
+    /// Shared health state (survives table swaps).
+    pub health: Arc<CellHealth>,
 }
 
 impl Cell {
-    /// Whether the cell takes new traffic at `now`: active, and at least one instance that
-    /// is not ejected.
+    /// Whether the cell takes new traffic at `now`: active, its breaker not open, and at
+    /// least one instance available.
     #[inline]
-    pub fn is_serving(&self, now: u64) -> bool {
-        self.state == CellState::Active && self.instances.iter().any(|i| i.health.is_available(now))
+    pub fn is_serving(&self, now: u64, p: &HealthPolicy) -> bool {
+        self.state == CellState::Active
+            && self.health.breaker_allows(now, p)
+            && self.instances.iter().any(|i| i.health.is_available(now, p))
     }
 }
 
@@ -154,17 +165,110 @@ pub struct RoutingTable {
     pub(crate) version: u64,
     pub(crate) version_header: HeaderValue,
     pub(crate) slot_count: u32,
-    pub(crate) slots: Box<[CellIdx]>,
+    pub(crate) slots: Arc<[CellIdx]>,
     pub(crate) cells: Vec<Cell>,
-    pub(crate) cell_ids: HashMap<Arc<str>, CellIdx>,
-    pub(crate) regions: Vec<Arc<str>>,
-    pub(crate) overrides: HashMap<Box<str>, CellIdx>,
-    pub(crate) key_sources: KeySources,
+    pub(crate) cell_ids: Arc<HashMap<Arc<str>, CellIdx>>,
+    pub(crate) regions: Arc<[Arc<str>]>,
+    pub(crate) overrides: Arc<Overrides>,
+    pub(crate) key_sources: Arc<KeySources>,
     pub(crate) anonymous: AnonymousPolicy,
-    pub(crate) region_cidrs: Vec<(IpNet, u16)>,
-    pub(crate) trusted: Vec<IpNet>,
-    pub(crate) gray: Vec<GrayRule>,
+    pub(crate) region_cidrs: Arc<[(IpNet, u16)]>,
+    pub(crate) trusted: Arc<[IpNet]>,
+    pub(crate) gray: Arc<[GrayRule]>,
     pub(crate) timeouts: Timeouts,
+    pub(crate) health: Arc<HealthPolicy>,
+}
+
+/// Hasher for keys that are already xxh3 hashes.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Key → cell pins, indexed by the key's xxh3 hash (the one the slot is computed from), so
+/// a lookup costs no second hash. Keys are compared in full; colliding hashes chain.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    map: HashMap<u64, OverrideEntry, BuildHasherDefault<IdentityHasher>>,
+    len: usize,
+}
+
+#[derive(Debug)]
+enum OverrideEntry {
+    One(Box<str>, CellIdx),
+    Many(Vec<(Box<str>, CellIdx)>),
+}
+
+impl Overrides {
+    /// Pin `key` (whose xxh3 is `hash`) to `cell`; a second pin of the same key replaces it.
+    pub fn insert(&mut self, hash: u64, key: &str, cell: CellIdx) {
+        use std::collections::hash_map::Entry;
+        match self.map.entry(hash) {
+            Entry::Vacant(v) => {
+                v.insert(OverrideEntry::One(key.into(), cell));
+                self.len += 1;
+            }
+            Entry::Occupied(mut o) => {
+                let e = o.get_mut();
+                match e {
+                    OverrideEntry::One(k, c) if &**k == key => *c = cell,
+                    OverrideEntry::One(k, c) => {
+                        *e = OverrideEntry::Many(vec![(std::mem::take(k), *c), (key.into(), cell)]);
+                        self.len += 1;
+                    }
+                    OverrideEntry::Many(v) => match v.iter_mut().find(|(k, _)| &**k == key) {
+                        Some((_, c)) => *c = cell,
+                        None => {
+                            v.push((key.into(), cell));
+                            self.len += 1;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// The cell `key` (whose xxh3 is `hash`) is pinned to.
+    #[inline]
+    pub fn get(&self, hash: u64, key: &str) -> Option<CellIdx> {
+        match self.map.get(&hash)? {
+            OverrideEntry::One(k, c) => (&**k == key).then_some(*c),
+            OverrideEntry::Many(v) => v.iter().find(|(k, _)| &**k == key).map(|(_, c)| *c),
+        }
+    }
+
+    /// Number of pinned keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no key is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every pin, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, CellIdx)> {
+        self.map.values().flat_map(|e| {
+            let v: Vec<(&str, CellIdx)> = match e {
+                OverrideEntry::One(k, c) => vec![(&**k, *c)],
+                OverrideEntry::Many(v) => v.iter().map(|(k, c)| (&**k, *c)).collect(),
+            };
+            v
+        })
+    }
 }
 
 impl RoutingTable {
@@ -208,8 +312,45 @@ impl RoutingTable {
             .map(|i| i as u16)
     }
     /// Key → cell pins.
-    pub fn overrides(&self) -> &HashMap<Box<str>, CellIdx> {
+    pub fn overrides(&self) -> &Overrides {
         &self.overrides
+    }
+    /// Health settings of this table.
+    pub fn health_policy(&self) -> &HealthPolicy {
+        &self.health
+    }
+    /// The same table with new effective instance weights, computed by `weight(cell,
+    /// instance)` (× 100). Shares every large part with `self`; the version is unchanged
+    /// (weights move load between instances, never keys between cells).
+    pub fn with_weights(&self, mut weight: impl FnMut(&Cell, &Instance) -> u32) -> RoutingTable {
+        let cells = self
+            .cells
+            .iter()
+            .map(|c| {
+                let mut c2 = c.clone();
+                for (i, inst) in c2.instances.iter_mut().enumerate() {
+                    inst.effective = weight(c, &c.instances[i]);
+                }
+                c2
+            })
+            .collect();
+        RoutingTable {
+            version: self.version,
+            version_header: self.version_header.clone(),
+            slot_count: self.slot_count,
+            slots: Arc::clone(&self.slots),
+            cells,
+            cell_ids: Arc::clone(&self.cell_ids),
+            regions: Arc::clone(&self.regions),
+            overrides: Arc::clone(&self.overrides),
+            key_sources: Arc::clone(&self.key_sources),
+            anonymous: self.anonymous.clone(),
+            region_cidrs: Arc::clone(&self.region_cidrs),
+            trusted: Arc::clone(&self.trusted),
+            gray: Arc::clone(&self.gray),
+            timeouts: self.timeouts,
+            health: Arc::clone(&self.health),
+        }
     }
     /// Key sources.
     pub fn key_sources(&self) -> &KeySources {
@@ -306,6 +447,7 @@ pub struct TableBuilder {
     trusted: Vec<IpNet>,
     gray: Vec<crate::gray::GraySpec>,
     timeouts: Timeouts,
+    health: HealthPolicy,
 }
 
 pub use crate::gray::GraySpec;
@@ -331,7 +473,13 @@ impl TableBuilder {
             trusted: Vec::new(),
             gray: Vec::new(),
             timeouts: Timeouts::default(),
+            health: HealthPolicy::default(),
         }
+    }
+    /// Health settings.
+    pub fn health(mut self, p: HealthPolicy) -> Self {
+        self.health = p;
+        self
     }
     /// Declare a region.
     pub fn region(mut self, name: impl Into<String>) -> Self {
@@ -478,31 +626,45 @@ impl TableBuilder {
                         format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id),
                     ));
                 }
+                let ih = health.instance(&c.id, &inst.name);
+                ih.apply_policy(&self.health);
+                let now = cellgate_health::now_ms();
                 instances.push(Instance {
                     name: inst.name.as_str().into(),
                     addr: inst.addr,
                     weight: inst.weight,
+                    effective: (ih.effective_weight(inst.weight, now, &self.health) * 100.0).round()
+                        as u32,
                     gray: inst.labels.get("gray").map(|g| Arc::from(g.as_str())),
-                    labels: inst.labels.clone(),
-                    health: health.instance(&c.id, &inst.name),
+                    labels: Arc::new(inst.labels.clone()),
+                    health: ih,
                 });
             }
+            let ch = health.cell(&c.id);
+            ch.apply_policy(&self.health);
+            let state = if c.state == CellState::Active && ch.is_failed_over() {
+                CellState::FailedOver
+            } else {
+                c.state
+            };
             cells.push(Cell {
                 id: c.id.as_str().into(),
                 id_header,
                 region: regions[usize::from(ri)].clone(),
                 region_idx: ri,
-                state: c.state,
+                state,
+                configured_state: c.state,
                 weight: c.weight,
                 failover,
                 instances,
                 protocol: c.protocol,
+                health: ch,
             });
         }
 
         // Slot table: every slot exactly once.
         const UNSET: CellIdx = CellIdx::MAX;
-        let mut slots = vec![UNSET; self.slot_count as usize].into_boxed_slice();
+        let mut slots = vec![UNSET; self.slot_count as usize];
         if self.slot_ranges.is_empty() {
             // Bootstrap: contiguous, equal ranges in cell order.
             let n = cells.len() as u64;
@@ -548,7 +710,7 @@ impl TableBuilder {
             }
         }
 
-        let mut overrides = HashMap::with_capacity(self.overrides.len());
+        let mut overrides = Overrides::default();
         for (k, (key, cell)) in self.overrides.iter().enumerate() {
             crate::key::check_key(key)
                 .map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
@@ -558,7 +720,7 @@ impl TableBuilder {
                     format!("unknown cell {cell:?} for key {key:?}"),
                 ));
             };
-            overrides.insert(key.as_str().into(), ci);
+            overrides.insert(xxh3_64(key.as_bytes()), key, ci);
         }
 
         let anonymous = if self.anonymous_reject {
@@ -603,17 +765,18 @@ impl TableBuilder {
             version: self.version,
             version_header: HeaderValue::from(self.version),
             slot_count: self.slot_count,
-            slots,
+            slots: slots.into(),
             cells,
-            cell_ids,
-            regions,
-            overrides,
-            key_sources: self.key_sources,
+            cell_ids: Arc::new(cell_ids),
+            regions: regions.into(),
+            overrides: Arc::new(overrides),
+            key_sources: Arc::new(self.key_sources),
             anonymous,
-            region_cidrs,
-            trusted: self.trusted,
-            gray,
+            region_cidrs: region_cidrs.into(),
+            trusted: self.trusted.into(),
+            gray: gray.into(),
             timeouts: self.timeouts,
+            health: Arc::new(self.health),
         })
     }
 }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use cellgate_health::{EjectionPolicy, HealthRegistry};
+use cellgate_health::{HealthPolicy, HealthRegistry, Outcome};
 use cellgate_routing::{
     CellSpec, CellState, InstanceSpec, Reason, RouteInput, RoutingTable, TableBuilder,
     UpstreamProtocol,
@@ -157,10 +157,10 @@ fn ejected_instances_make_a_cell_fail_over_and_the_state_survives_a_rebuild() {
         .map(|i| format!("k{i}"))
         .find(|k| t.home_of(k).1 == 0)
         .unwrap();
-    let policy = EjectionPolicy::default();
+    let policy = HealthPolicy::default();
     for inst in &t.cells()[0].instances {
-        for _ in 0..policy.consecutive_failures {
-            inst.health.record_failure(10, &policy);
+        for _ in 0..policy.outlier.consecutive_failures {
+            inst.health.record(10, Outcome::Timeout, &policy, 0, 2);
         }
     }
     let d = t

@@ -90,11 +90,18 @@ fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) 
     };
     let desired = s.control.desired();
     let cfg = desired.config.cells.iter().find(|x| *x.id == *c.id);
+    let p = t.health_policy();
     let up = c
         .instances
         .iter()
-        .filter(|i| i.health.is_available(now))
+        .filter(|i| i.health.is_available(now, p))
         .count();
+    let scores: Vec<f64> = c.instances.iter().map(|i| i.health.score()).collect();
+    let rtts: Vec<f64> = c
+        .instances
+        .iter()
+        .filter_map(|i| i.health.rtt_ms())
+        .collect();
     let instances: Vec<Value> = c
         .instances
         .iter()
@@ -104,8 +111,12 @@ fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) 
                 "name": &*i.name,
                 "addr": i.addr.to_string(),
                 "weight": i.weight,
-                "labels": i.labels,
-                "available": i.health.is_available(now),
+                "effective_weight": i.effective,
+                "labels": &*i.labels,
+                "available": i.health.is_available(now, p),
+                "score": i.health.score(),
+                "rtt_ms": i.health.rtt_ms(),
+                "in_flight": i.health.in_flight(),
                 "ejected_for_ms": i.health.ejected_until().saturating_sub(now),
                 "requests": requests,
                 "failures": failures,
@@ -116,15 +127,17 @@ fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) 
         "id": &*c.id,
         "region": &*c.region,
         "state": c.state.as_str(),
-        "serving": c.is_serving(now),
+        "configured_state": c.configured_state.as_str(),
+        "serving": c.is_serving(now, p),
         "weight": c.weight,
         "failover": cfg.map(|x| x.failover.clone()),
         "switched_to": cfg.and_then(|x| x.switched_to.clone()),
         "slots": slots.get(idx).copied().unwrap_or(0),
-        // Share of instances not ejected; the health engine's score replaces it when present.
-        "score": if c.instances.is_empty() { 0.0 } else { up as f64 / c.instances.len() as f64 },
-        "rtt_ms": Value::Null,
-        "in_flight": Value::Null,
+        // Mean of the instances' health scores, and of their RTT EWMAs where known.
+        "score": if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 },
+        "rtt_ms": if rtts.is_empty() { Value::Null } else { json!(rtts.iter().sum::<f64>() / rtts.len() as f64) },
+        "instances_up": up,
+        "in_flight": c.health.in_flight(),
         "instances": instances,
     })
 }
@@ -203,8 +216,15 @@ pub(super) async fn drain(
         .await?
         .0;
     if let Some(o) = v.as_object_mut() {
-        // Requests already in the cell finish; the proxy does not yet count them per cell.
-        o.insert("in_flight".into(), Value::Null);
+        // Requests already in the cell finish there; this is how many are still running.
+        let t = s.table.load();
+        let in_flight = o
+            .get("cell")
+            .and_then(Value::as_str)
+            .and_then(|id| t.cell_idx(id))
+            .and_then(|i| t.cell(i))
+            .map(|c| c.health.in_flight());
+        o.insert("in_flight".into(), json!(in_flight));
     }
     Ok(Json(v))
 }
@@ -380,7 +400,9 @@ pub(super) async fn explain(
         let pick: Vec<&str> = ci
             .instances
             .iter()
-            .filter(|i| i.health.is_available(now) && i.gray.as_deref() == tag.as_deref())
+            .filter(|i| {
+                i.health.is_available(now, t.health_policy()) && i.gray.as_deref() == tag.as_deref()
+            })
             .map(|i| &*i.name)
             .collect();
         o.insert("instances".into(), json!(pick));
@@ -420,7 +442,7 @@ pub(super) async fn table(
     let overrides: BTreeMap<&str, &str> = t
         .overrides()
         .iter()
-        .filter_map(|(k, &c)| Some((&**k, &*t.cell(c)?.id)))
+        .filter_map(|(k, c)| Some((k, &*t.cell(c)?.id)))
         .collect();
     Ok(Json(json!({
         "version": t.version(),

@@ -17,7 +17,7 @@ use cellgate_config::docs::Documents;
 use cellgate_config::etcd::{Change, StoreError};
 use serde_json::json;
 
-use super::{now_rfc3339, unix_ms, Backend, Desired, Rejection, Source};
+use super::{now_rfc3339, unix_ms, Backend, Rejection, Source};
 use crate::server::Shared;
 
 /// How often the fleet registration is refreshed.
@@ -138,33 +138,23 @@ async fn apply_docs(shared: &Arc<Shared>, docs: &Documents) {
     }
     let docs2 = docs.clone();
     let local2: cellgate_config::Config = (**local).clone();
-    let shared2 = Arc::clone(shared);
-    let built = tokio::task::spawn_blocking(move || {
-        let cfg = docs2.assemble(&local2)?;
-        let t = cfg.build_table(version, &shared2.health)?;
-        Ok::<_, cellgate_config::ConfigError>((cfg, t))
-    })
-    .await;
-    match built {
-        Ok(Ok((cfg, table))) => {
-            let slots_version = docs.slots_version();
-            let lkg = lkg_path.clone();
-            let cfg2 = cfg.clone();
-            c.publish(
-                shared,
-                table,
-                Desired {
-                    config: cfg,
-                    version,
-                    source: Source::Etcd,
-                    slots_version,
-                },
-            );
+    let assembled = tokio::task::spawn_blocking(move || docs2.assemble(&local2)).await;
+    let cfg = match assembled {
+        Ok(Ok(cfg)) => cfg,
+        Ok(Err(e)) => return reject(shared, version, e.to_string()),
+        Err(e) => return reject(shared, version, format!("table build task failed: {e}")),
+    };
+    let slots_version = docs.slots_version();
+    let cfg2 = cfg.clone();
+    match super::install(shared, cfg, Some(version), Source::Etcd, slots_version).await {
+        Ok(_) => {
+            shared.metrics.reload("etcd", true);
             c.set_status(|s| s.rejected = None);
             tracing::info!(
                 version,
                 "configuration from etcd applied; routing table swapped"
             );
+            let lkg = lkg_path.clone();
             let saved = tokio::task::spawn_blocking(move || {
                 cellgate_config::lkg::save(&lkg, version, &cfg2)
             })
@@ -175,37 +165,41 @@ async fn apply_docs(shared: &Arc<Shared>, docs: &Documents) {
                 Err(e) => tracing::warn!(error = %e, "cannot write the last known good table"),
             }
         }
-        Ok(Err(e)) => {
-            let reason = e.to_string();
-            tracing::error!(version, error = %reason, "configuration in etcd rejected; the previous routing table keeps serving");
-            c.set_status(|s| {
-                s.rejected = Some(Rejection {
-                    version,
-                    reason,
-                    at: now_rfc3339(),
-                })
-            });
-        }
-        Err(e) => tracing::error!(error = %e, "table build task failed"),
+        Err(e) => reject(shared, version, e.to_string()),
     }
+}
+
+fn reject(shared: &Shared, version: u64, reason: String) {
+    shared.metrics.reload("etcd", false);
+    tracing::error!(version, error = %reason, "configuration in etcd rejected; the previous routing table keeps serving");
+    shared.control.set_status(|s| {
+        s.rejected = Some(Rejection {
+            version,
+            reason,
+            at: now_rfc3339(),
+        })
+    });
 }
 
 /// This gateway's view of cell health: state, whether it serves, instances up.
 pub fn health_view(shared: &Shared) -> serde_json::Value {
     let t = shared.table.load();
     let now = cellgate_health::now_ms();
+    let p = t.health_policy();
     let mut cells = serde_json::Map::new();
     for cell in t.cells() {
         let up = cell
             .instances
             .iter()
-            .filter(|i| i.health.is_available(now))
+            .filter(|i| i.health.is_available(now, p))
             .count();
         cells.insert(
             cell.id.to_string(),
             json!({
                 "state": cell.state.as_str(),
-                "serving": cell.is_serving(now),
+                "serving": cell.is_serving(now, p),
+                "failed_over": cell.health.is_failed_over(),
+                "in_flight": cell.health.in_flight(),
                 "instances_up": up,
                 "instances": cell.instances.len(),
             }),

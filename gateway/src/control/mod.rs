@@ -272,13 +272,43 @@ impl ControlState {
         }
         self.status.store(Arc::new(s));
     }
+}
 
-    fn publish(&self, shared: &Shared, table: RoutingTable, desired: Desired) {
-        let v = table.version();
-        shared.table.store(Arc::new(table));
-        self.desired.store(Arc::new(desired));
-        self.applied.send_replace(v);
-    }
+/// Install `cfg` as the desired configuration: under the table writer (the one writer of
+/// the table, shared with the health controller), build its table — gray rules switched
+/// off by their guard stay off — swap it in, and apply its shedding limits. `version`
+/// `None` means the next local version. Returns the version now serving.
+async fn install(
+    shared: &Arc<Shared>,
+    cfg: Config,
+    version: Option<u64>,
+    source: Source,
+    slots_version: u64,
+) -> Result<u64, ConfigError> {
+    let c = &shared.control;
+    let mut writer = shared.writer.lock().await;
+    let version = version.unwrap_or_else(|| next_version(shared));
+    let mut gray = writer.gray_overlay.clone();
+    gray.rearm(&cfg);
+    let (shared2, cfg2, gray2) = (Arc::clone(shared), cfg.clone(), gray.clone());
+    let table = tokio::task::spawn_blocking(move || {
+        gray2.apply(&cfg2).build_table(version, &shared2.health)
+    })
+    .await
+    .map_err(|e| ConfigError::Parse(format!("table build task failed: {e}")))??;
+    shared.shedding.apply(&cfg.shedding);
+    writer.gray_overlay = gray;
+    writer.config = cfg.clone();
+    shared.table.store(Arc::new(table));
+    drop(writer);
+    c.desired.store(Arc::new(Desired {
+        config: cfg,
+        version,
+        source,
+        slots_version,
+    }));
+    c.applied.send_replace(version);
+    Ok(version)
 }
 
 /// The control plane's own runtime (one thread): admin API, etcd watch, fleet
@@ -696,7 +726,10 @@ pub fn standalone(config: Config, state_dir: &Path) -> Result<Arc<Shared>, Gatew
     }
     // The runtime made by `boot` is not needed: the caller's runtime runs everything.
     drop(boot.runtime);
-    Ok(Arc::new(Shared::with_control(boot.table, health, state)))
+    let config = state.desired().config.clone();
+    Ok(Arc::new(Shared::with_control(
+        boot.table, health, config, state, None,
+    )))
 }
 
 impl ControlState {
@@ -718,33 +751,22 @@ pub async fn apply_file(shared: &Arc<Shared>, file: Config) -> Result<u64, Strin
     };
     let _g = c.changes.lock().await;
     let overlay = AdminOverlay::load(overlay_path).map_err(|e| e.to_string())?;
-    let shared2 = Arc::clone(shared);
     let file2 = file.clone();
-    let built = tokio::task::spawn_blocking(move || {
-        let (merged, dropped) = overlay.apply(&file2)?;
-        let next = next_version(&shared2);
-        let t = merged.build_table(next, &shared2.health)?;
-        Ok::<_, ConfigError>((merged, dropped, t))
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    match built {
-        Ok((merged, dropped, table)) => {
+    let merged = tokio::task::spawn_blocking(move || overlay.apply(&file2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = match merged {
+        Ok((merged, dropped)) => {
             for d in dropped {
                 tracing::warn!(cell = %d, "admin overlay names a cell the configuration no longer has; ignored");
             }
-            let v = table.version();
+            install(shared, merged, None, Source::File, 0).await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(v) => {
             file_cfg.store(Arc::new(file));
-            c.publish(
-                shared,
-                table,
-                Desired {
-                    config: merged,
-                    version: v,
-                    source: Source::File,
-                    slots_version: 0,
-                },
-            );
             c.set_status(|s| s.rejected = None);
             Ok(v)
         }
@@ -866,17 +888,16 @@ pub async fn mutate(
                 let _ = previous.save(overlay_path);
                 return Err(e.into());
             }
-            let v = after_table.version();
-            c.publish(
+            let v = install(
                 shared,
-                after_table,
-                Desired {
-                    config: after_cfg,
-                    version: v,
-                    source: Source::File,
-                    slots_version: 0,
-                },
-            );
+                after_cfg,
+                Some(after_table.version()),
+                Source::File,
+                0,
+            )
+            .await
+            .map_err(ControlError::Build)?;
+            shared.metrics.reload("admin", true);
             out.applied = true;
             out.table_version = v;
         }

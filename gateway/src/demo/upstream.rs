@@ -235,15 +235,20 @@ async fn handle(
             }
             Ok(res)
         }
-        (&Method::GET, "/healthz") => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({
-                "cell": state.cell,
-                "instance": state.name,
-                "db_pool_usage": faults.db_pool_usage.unwrap_or(0.1),
-                "queue_backlog": faults.queue_backlog.unwrap_or(0),
-            }),
-        )),
+        (&Method::GET, "/healthz") => {
+            if let Some(ms) = faults.delay_ms.filter(|&d| d > 0) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "cell": state.cell,
+                    "instance": state.name,
+                    "db_pool_usage": faults.db_pool_usage.unwrap_or(0.1),
+                    "queue_backlog": faults.queue_backlog.unwrap_or(0),
+                }),
+            ))
+        }
         _ => {
             if let Some(ms) = faults.delay_ms.filter(|&d| d > 0) {
                 tokio::time::sleep(Duration::from_millis(ms)).await;

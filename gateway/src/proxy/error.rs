@@ -25,6 +25,9 @@ pub enum ProxyError {
     /// The deadline passed before the upstream answered (504).
     #[error("deadline of {0} ms exceeded before the upstream answered")]
     Deadline(u64),
+    /// Shed under overload (429).
+    #[error("gateway overloaded: {0} request shed; retry later")]
+    Shed(&'static str),
 }
 
 impl ProxyError {
@@ -35,6 +38,7 @@ impl ProxyError {
             Self::NoHealthyCell(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Self::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Shed(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -44,6 +48,7 @@ impl ProxyError {
             Self::NoHealthyCell(_) => "14",  // UNAVAILABLE
             Self::UpstreamFailed(_) => "14", // UNAVAILABLE
             Self::Deadline(_) => "4",        // DEADLINE_EXCEEDED
+            Self::Shed(_) => "8",            // RESOURCE_EXHAUSTED
         }
     }
 

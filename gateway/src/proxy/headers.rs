@@ -20,6 +20,8 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_TIMEOUT: HeaderName = HeaderName::from_static("x-timeout");
 /// Region hint of keyless requests.
 pub const X_REGION_HINT: HeaderName = HeaderName::from_static("x-region-hint");
+/// SLO class for load shedding.
+pub const X_SLO_CLASS: HeaderName = HeaderName::from_static("x-slo-class");
 /// gRPC deadline.
 pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 

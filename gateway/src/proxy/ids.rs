@@ -31,6 +31,19 @@ fn is_lower_hex(b: &[u8]) -> bool {
         .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
+/// `(trace id, parent/span id)` of a well-formed `traceparent`.
+pub fn traceparent_ids(v: &HeaderValue) -> Option<(&str, &str)> {
+    let s = v.to_str().ok()?;
+    let b = s.as_bytes();
+    (b.len() >= 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && is_lower_hex(&b[3..35])
+        && is_lower_hex(&b[36..52]))
+    .then(|| (&s[3..35], &s[36..52]))
+}
+
 /// The `traceparent` to send upstream: the inbound trace continued with a new parent id
 /// (this hop's span), or a new sampled trace.
 pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {

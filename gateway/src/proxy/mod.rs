@@ -31,6 +31,7 @@ use self::error::ProxyError;
 use self::headers::{X_CELL_ID, X_REQUEST_ID};
 use self::send::{AttemptError, Pool};
 use crate::server::Shared;
+use cellgate_health::Outcome;
 
 /// The client side of a connection.
 #[derive(Debug)]
@@ -76,6 +77,7 @@ pub struct Worker {
 struct WrrState {
     version: u64,
     per_cell: Vec<SmoothWrr>,
+    metrics: Vec<Arc<crate::metrics::CellMetrics>>,
 }
 
 impl Worker {
@@ -96,15 +98,37 @@ impl Worker {
         now: u64,
         tried: u64,
     ) -> Option<usize> {
+        let mut st = self.per_version(table);
+        let wrr = st.per_cell.get_mut(usize::from(cell))?;
+        table.pick_instance(cell, tag, wrr, now, tried)
+    }
+
+    /// This worker's per-table-version state (WRR positions, metric series by cell index),
+    /// rebuilt when the table version changes.
+    fn per_version(&self, table: &RoutingTable) -> std::cell::RefMut<'_, WrrState> {
         let mut st = self.wrr.borrow_mut();
         if st.version != table.version() || st.per_cell.len() != table.cells().len() {
             st.version = table.version();
             st.per_cell.clear();
             st.per_cell
                 .resize_with(table.cells().len(), SmoothWrr::default);
+            st.metrics = table
+                .cells()
+                .iter()
+                .map(|c| self.shared.metrics.cell(&c.id))
+                .collect();
         }
-        let wrr = st.per_cell.get_mut(usize::from(cell))?;
-        table.pick_instance(cell, tag, wrr, now, tried)
+        st
+    }
+
+    /// Phase *outcome*, metrics: count the request under its serving cell.
+    fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64) {
+        let st = self.per_version(table);
+        let now = cellgate_health::now_ms();
+        match cell.and_then(|c| st.metrics.get(usize::from(c))) {
+            Some(m) => m.record(status, us, now),
+            None => self.shared.metrics.no_cell.record(status, us, now),
+        }
     }
 }
 
@@ -160,66 +184,217 @@ pub async fn handle(
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let result = proxy(worker, conn, &table, req, &request_id, grpc, started).await;
+    let traceparent = ids::traceparent(req.headers().get(headers::TRACEPARENT));
+    // The client's span, when this hop continues its trace (the exported span's parent).
+    let span_parent = worker.shared.traces.as_ref().and_then(|_| {
+        let inbound = req.headers().get(headers::TRACEPARENT)?;
+        let (trace, parent) = ids::traceparent_ids(inbound)?;
+        let (ours, _) = ids::traceparent_ids(&traceparent)?;
+        (trace == ours).then(|| parent.to_owned())
+    });
+    let start_ns = worker
+        .shared
+        .traces
+        .as_ref()
+        .map(|_| crate::telemetry::unix_ns());
+    let ctx = ReqCtx {
+        request_id: &request_id,
+        traceparent: &traceparent,
+        grpc,
+        started,
+    };
+    let result = proxy(worker, conn, &table, req, ctx).await;
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    if let (Some(exporter), Some(start_ns)) = (worker.shared.traces.as_ref(), start_ns) {
+        if let Some((trace_id, span_id)) = ids::traceparent_ids(&traceparent) {
+            let (status, cell) = match &result {
+                Ok((res, c)) => (res.status().as_u16(), Some(*c)),
+                Err((e, c)) => (e.status().as_u16(), *c),
+            };
+            exporter.submit(crate::telemetry::SpanRecord {
+                trace_id: trace_id.to_owned(),
+                span_id: span_id.to_owned(),
+                parent_span_id: span_parent,
+                method: method.to_string(),
+                status,
+                cell: cell.and_then(|c| table.cell(c)).map(|c| c.id.to_string()),
+                request_id: request_id.to_str().unwrap_or_default().to_owned(),
+                start_ns,
+                end_ns: crate::telemetry::unix_ns(),
+            });
+        }
+    }
     match result {
-        Ok(res) => {
+        Ok((res, cell)) => {
+            worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us);
             if let Some(path) = path_for_log {
                 tracing::debug!(request_id = ?request_id, %method, path, status = res.status().as_u16(),
-                    cell = ?res.headers().get(X_CELL_ID), elapsed_us = started.elapsed().as_micros() as u64, "proxied");
+                    cell = ?res.headers().get(X_CELL_ID), elapsed_us, "proxied");
             }
             res
         }
         Err((e, cell)) => {
-            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell,
+            worker.observe(&table, cell, e.status().as_u16(), elapsed_us);
+            let cell_id = cell.and_then(|c| table.cell(c)).map(|c| &c.id_header);
+            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell_id,
                 client = %conn.peer, error = %e, "request failed");
             let mut res = e.into_response(&request_id, grpc);
-            if let Some(c) = cell {
-                res.headers_mut().insert(X_CELL_ID, c);
+            if let Some(c) = cell_id {
+                res.headers_mut().insert(X_CELL_ID, c.clone());
             }
             res
         }
     }
 }
 
-type Failed = (ProxyError, Option<HeaderValue>);
+type Failed = (ProxyError, Option<cellgate_routing::CellIdx>);
+
+/// SLO class of a request (`X-SLO-Class`), for load shedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SloClass {
+    /// Shed last.
+    Critical,
+    /// The default.
+    Standard,
+    /// Shed first.
+    BestEffort,
+}
+
+impl SloClass {
+    fn of(req: &Request<Incoming>) -> Result<Self, ProxyError> {
+        match req
+            .headers()
+            .get(headers::X_SLO_CLASS)
+            .map(|v| v.as_bytes())
+        {
+            None | Some(b"standard") => Ok(Self::Standard),
+            Some(b"critical") => Ok(Self::Critical),
+            Some(b"best-effort") => Ok(Self::BestEffort),
+            Some(_) => Err(ProxyError::BadRequest(
+                "X-SLO-Class must be critical, standard or best-effort".into(),
+            )),
+        }
+    }
+
+    /// Name as in the header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Standard => "standard",
+            Self::BestEffort => "best-effort",
+        }
+    }
+}
+
+/// Counts a request in flight through the gateway until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Phase *admit*: shed by SLO class when the gateway is overloaded.
+fn admit<'a>(shared: &'a Shared, class: SloClass) -> Result<InFlight<'a>, ProxyError> {
+    use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+    let limit = match class {
+        SloClass::Critical => shared.shedding.max.load(Relaxed),
+        SloClass::Standard => shared.shedding.standard.load(Relaxed),
+        SloClass::BestEffort => shared.shedding.best_effort.load(Relaxed),
+    };
+    // Count the request only if it fits: a shed request never takes a place, so it
+    // cannot push a higher class over its limit.
+    shared
+        .in_flight
+        .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
+        .map(|_| InFlight(&shared.in_flight))
+        .map_err(|_| ProxyError::Shed(class.as_str()))
+}
+
+fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
+}
+
+/// What is needed to send a bodiless request again.
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<ProxyBody> {
+        let mut r = Request::new(ProxyBody::empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// What `handle` settled about a request before the phases run.
+struct ReqCtx<'a> {
+    request_id: &'a HeaderValue,
+    traceparent: &'a HeaderValue,
+    grpc: bool,
+    started: Instant,
+}
 
 async fn proxy(
     worker: &Worker,
     conn: &ConnInfo,
     table: &Arc<RoutingTable>,
     req: Request<Incoming>,
-    request_id: &HeaderValue,
-    grpc: bool,
-    started: Instant,
-) -> Result<Response<ProxyBody>, Failed> {
+    ctx: ReqCtx<'_>,
+) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
+    let ReqCtx {
+        request_id,
+        traceparent,
+        grpc,
+        started,
+    } = ctx;
     let now = cellgate_health::now_ms();
+    // Phase: admit.
+    let class = SloClass::of(&req).map_err(|e| (e, None))?;
+    let _in_flight = admit(&worker.shared, class).map_err(|e| {
+        worker.shared.metrics.shed(class as usize);
+        (e, None)
+    })?;
     // Phase: key + decide.
     let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
-    let cell_idx = routed.cell();
-    let Some(cell) = table.cell(cell_idx) else {
+    let mut cell_idx = routed.cell();
+    let Some(mut cell) = table.cell(cell_idx) else {
         return Err((
             ProxyError::NoHealthyCell("decision named no cell".into()),
             None,
         ));
     };
-    let cell_hdr = || Some(cell.id_header.clone());
     // Phase: shape.
     let budget = deadline::budget(req.headers(), table.timeouts())
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
-    let h2 = match (cell.protocol, grpc) {
-        (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => true,
-        (UpstreamProtocol::Http1, true) => {
-            return Err((
-                ProxyError::UpstreamFailed(format!(
-                    "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
-                    cell.id
-                )),
-                cell_hdr(),
-            ))
+    let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
+        match (c.protocol, grpc) {
+            (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => Ok(true),
+            (UpstreamProtocol::Http1, true) => Err(ProxyError::UpstreamFailed(format!(
+                "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
+                c.id
+            ))),
+            _ => Ok(false),
         }
-        _ => false,
     };
+    let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
     let (mut parts, body) = req.into_parts();
     shape::shape_headers(
         &mut parts.headers,
@@ -229,69 +404,263 @@ async fn proxy(
             gray: routed.gray.as_ref(),
             request_id,
             conn,
+            traceparent,
         },
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
-    let mut req = Request::from_parts(parts, body);
+    let p = table.health_policy();
+    // A copy for status retries, only when one is possible at all (another instance, or a
+    // failover cell to cross to).
+    let replay = (p.retry.max_attempts > 1
+        && !p.retry.statuses.is_empty()
+        && (cell.instances.len() > 1 || !cell.failover.is_empty())
+        && idempotent(&parts.method)
+        && http_body::Body::is_end_stream(&body))
+    .then(|| Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    });
+    let mut req: Option<Request<ProxyBody>> =
+        Some(Request::from_parts(parts, ProxyBody::Stream(body)));
     let tag = route::tag_str(&routed.gray);
 
-    // Phase: send, retrying connect failures on other instances of the cell.
+    // Phase: send. Connect failures (nothing sent) move to another instance of the cell, and
+    // to the failover cell once the cell has none left; retryable answers to idempotent
+    // bodiless requests are retried within the cell's retry budget.
     let connect_timeout = table.timeouts().connect;
     let mut tried: u64 = 0;
+    let mut sent_any = false;
+    // Whether the current cell answered this request with an HTTP response.
+    let mut answered = false;
+    let mut crossed = false;
+    let mut status_retries = 0u32;
     let mut last_err = String::from("no instance of the cell is available");
-    for _attempt in 0..cell.instances.len().clamp(1, 4) {
-        let Some(i) = worker.pick(table, cell_idx, tag, now, tried) else {
-            break;
+    cell.health.budget_request(now);
+    for _ in 0..MAX_ATTEMPTS {
+        let now = cellgate_health::now_ms();
+        let serving = cell.is_serving(now, p);
+        let picked = if serving || !sent_any {
+            worker.pick(table, cell_idx, tag, now, tried)
+        } else {
+            None
         };
+        if picked.is_none() {
+            // Cross to the failover cell only when the cell gave this request no HTTP
+            // answer at all (every instance refused, failed to connect or dropped the
+            // connection), or when it stopped serving (drained, failed over, breaker open).
+            // A cell that answers — even with errors — keeps its keys.
+            let resendable = req.is_some() || replay.is_some();
+            if crossed || !resendable || (answered && serving) {
+                break;
+            }
+            // The key again, from the request we still hold (this path is rare; the hot
+            // path keeps no copy of it).
+            let held = req
+                .as_ref()
+                .map(|r| (r.uri(), r.headers()))
+                .or_else(|| replay.as_ref().map(|r| (&r.uri, &r.headers)));
+            let key = held.and_then(|(u, h)| table.key_sources().extract(u, h).ok().flatten());
+            let input = cellgate_routing::RouteInput {
+                key: key.as_deref(),
+                client_ip: Some(conn.peer.ip()),
+                now_ms: now,
+                spread: fastrand::u64(..),
+                avoid: Some(cell_idx),
+                ..Default::default()
+            };
+            let Ok(d) = table.decide(&input) else { break };
+            let Some(next) = table.cell(d.cell) else {
+                break;
+            };
+            let Ok(next_h2) = h2_for(next) else { break };
+            tracing::debug!(request_id = ?request_id, from = %cell.id, to = %next.id, "retrying in the failover cell");
+            cell_idx = d.cell;
+            cell = next;
+            h2 = next_h2;
+            crossed = true;
+            answered = false;
+            tried = 0;
+            cell.health.budget_request(now);
+            if req.is_none() {
+                req = replay.as_ref().map(Replay::request);
+            }
+            if let Some(r) = req.as_mut() {
+                r.headers_mut().insert(X_CELL_ID, cell.id_header.clone());
+                shape::set_target_for(r, h2, &cell.id);
+            }
+            continue;
+        }
+        let Some(i) = picked else { break };
         tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
         let inst = &cell.instances[i];
         let rem = deadline.saturating_duration_since(Instant::now());
         if rem.is_zero() {
-            return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr()));
+            return Err((
+                ProxyError::Deadline(budget.as_millis() as u64),
+                Some(cell_idx),
+            ));
         }
-        shape::set_remaining(req.headers_mut(), rem, grpc);
-        let attempt = send::send(&worker.pool, inst.addr, h2, req, connect_timeout.min(rem));
-        let outcome = match tokio::time::timeout_at(deadline, attempt).await {
+        let Some(mut r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+            break;
+        };
+        shape::set_remaining(r.headers_mut(), rem, grpc);
+        let sent_at = Instant::now();
+        inst.health.add_in_flight(1);
+        cell.health.add_in_flight(1);
+        let attempt = send::send(&worker.pool, inst.addr, h2, r, connect_timeout.min(rem));
+        let outcome = tokio::time::timeout_at(deadline, attempt).await;
+        inst.health.add_in_flight(-1);
+        cell.health.add_in_flight(-1);
+        let now = cellgate_health::now_ms();
+        let outcome = match outcome {
             Ok(o) => o,
-            Err(_) => return Err((ProxyError::Deadline(budget.as_millis() as u64), cell_hdr())),
+            Err(_) => {
+                record(cell, inst, now, Outcome::Timeout, p);
+                return Err((
+                    ProxyError::Deadline(budget.as_millis() as u64),
+                    Some(cell_idx),
+                ));
+            }
         };
         match outcome {
-            Ok(mut res) => {
+            Ok((mut res, lease)) => {
                 // Phase: outcome.
-                inst.health.record_success();
+                sent_any = true;
+                answered = true;
+                let latency_us = sent_at.elapsed().as_micros() as u64;
+                inst.health.record_rtt(latency_us, &p.weight);
+                inst.health.record_latency(now, latency_us);
+                let status = res.status().as_u16();
+                record(
+                    cell,
+                    inst,
+                    now,
+                    if status >= 500 {
+                        Outcome::Status5xx
+                    } else {
+                        Outcome::Success
+                    },
+                    p,
+                );
+                if replay.is_some()
+                    && p.retry.statuses.contains(&status)
+                    && status_retries + 1 < p.retry.max_attempts
+                    && can_retry(cell, tried, now, p, crossed || answered)
+                    && cell.health.try_retry(now, &p.retry)
+                {
+                    status_retries += 1;
+                    last_err = format!("upstream of cell {} answered {status}", cell.id);
+                    let backoff = p.retry.backoff.mul_f64(
+                        f64::from(1u32 << status_retries.min(6)) * (0.5 + fastrand::f64()),
+                    );
+                    if Instant::now() + backoff < deadline {
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                }
                 shape::strip_hop_by_hop(res.headers_mut(), false);
                 let h = res.headers_mut();
                 h.insert(X_CELL_ID, cell.id_header.clone());
                 h.insert(X_REQUEST_ID, request_id.clone());
-                return Ok(res.map(ProxyBody::Stream));
+                return Ok((res.map(|b| ProxyBody::upstream(b, lease)), cell_idx));
             }
             Err(AttemptError::Connect(e, back)) => {
-                if inst
-                    .health
-                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection)
-                {
-                    tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, "instance ejected after consecutive connect failures");
-                }
+                let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    Outcome::Refused
+                } else {
+                    Outcome::ConnectFailed
+                };
+                record(cell, inst, now, kind, p);
                 last_err = format!(
                     "cannot connect to an instance of cell {}: {}",
                     cell.id,
                     e.kind()
                 );
-                req = back;
+                req = Some(back);
             }
             Err(AttemptError::Upstream(e)) => {
-                inst.health
-                    .record_failure(cellgate_health::now_ms(), &worker.shared.ejection);
-                let msg = if e.is_timeout() {
+                sent_any = true;
+                record(
+                    cell,
+                    inst,
+                    now,
+                    if e.is_timeout() {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::ConnectFailed
+                    },
+                    p,
+                );
+                last_err = if e.is_timeout() {
                     "upstream timed out".to_owned()
                 } else {
                     format!("upstream of cell {} failed: {}", cell.id, brief(&e))
                 };
-                return Err((ProxyError::UpstreamFailed(msg), cell_hdr()));
+                if replay.is_none()
+                    || status_retries + 1 >= p.retry.max_attempts
+                    || !can_retry(cell, tried, now, p, crossed || answered)
+                    || !cell.health.try_retry(now, &p.retry)
+                {
+                    return Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)));
+                }
+                status_retries += 1;
             }
         }
     }
-    Err((ProxyError::UpstreamFailed(last_err), cell_hdr()))
+    Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)))
+}
+
+/// Whether a sent request has somewhere to go again: another untried available instance of
+/// the cell, or the failover cell when this cell stopped serving — or, when `stay` is
+/// false (the cell has not answered this request), when it has no instance left to try.
+fn can_retry(
+    cell: &cellgate_routing::Cell,
+    tried: u64,
+    now: u64,
+    p: &cellgate_health::HealthPolicy,
+    stay: bool,
+) -> bool {
+    let untried =
+        cell.instances.iter().enumerate().any(|(i, inst)| {
+            (i >= 64 || tried & (1u64 << i) == 0) && inst.health.is_available(now, p)
+        });
+    untried || !stay || !cell.is_serving(now, p)
+}
+
+/// Attempts per request at most, across instances and cells (connect failures included).
+const MAX_ATTEMPTS: usize = 8;
+
+/// Phase *outcome*: feed an attempt's outcome to the instance's and the cell's health.
+fn record(
+    cell: &cellgate_routing::Cell,
+    inst: &cellgate_routing::Instance,
+    now: u64,
+    outcome: Outcome,
+    p: &cellgate_health::HealthPolicy,
+) {
+    let ejected = if outcome.is_failure() {
+        cell.instances
+            .iter()
+            .filter(|i| i.health.is_ejected(now))
+            .count()
+    } else {
+        0
+    };
+    let r = inst
+        .health
+        .record(now, outcome, p, ejected, cell.instances.len());
+    if r.ejected {
+        cell.health.count_ejection();
+        tracing::warn!(cell = %cell.id, instance = %inst.name, addr = %inst.addr, ?outcome, "instance ejected");
+    }
+    if let Some(b) = r.breaker {
+        tracing::warn!(cell = %cell.id, instance = %inst.name, state = b.as_str(), "instance breaker changed state");
+    }
+    if let Some(b) = cell.health.record(now, outcome.is_failure(), p) {
+        tracing::warn!(cell = %cell.id, state = b.as_str(), "cell breaker changed state");
+    }
 }
 
 /// A short, internals-free description of an upstream error.

@@ -53,6 +53,7 @@ pub fn route(
         forced_cell,
         now_ms,
         spread: if key.is_none() { fastrand::u64(..) } else { 0 },
+        avoid: None,
     };
     let decision = table.decide(&input).map_err(|e| match e {
         DecideError::MissingKey => ProxyError::BadRequest(

@@ -11,6 +11,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
+
+use super::body::ProxyBody;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -26,16 +28,41 @@ const MAX_IDLE_PER_ADDR: usize = 512;
 #[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
 pub enum AttemptError {
     /// The connection could not be made; the request is handed back untouched.
-    Connect(std::io::Error, Request<Incoming>),
+    Connect(std::io::Error, Request<ProxyBody>),
     /// The request was (maybe) written and failed; it cannot be retried.
     Upstream(hyper::Error),
+}
+
+/// An HTTP/1.1 connection lent to one response: it goes back to the pool when the response
+/// body has been read to its end, and is dropped (closed) otherwise.
+pub struct Lease {
+    pool: Rc<RefCell<Pool>>,
+    addr: SocketAddr,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("addr", &self.addr).finish()
+    }
+}
+
+impl Lease {
+    /// Put the connection back for the next request.
+    pub fn give_back(self) {
+        let mut p = self.pool.borrow_mut();
+        let idle = p.h1.entry(self.addr).or_default();
+        if idle.len() < MAX_IDLE_PER_ADDR && !self.sender.is_closed() {
+            idle.push(self.sender);
+        }
+    }
 }
 
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<Incoming>>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+    h1: HashMap<SocketAddr, Vec<http1::SendRequest<ProxyBody>>>,
+    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -60,9 +87,9 @@ pub async fn send(
     pool: &Rc<RefCell<Pool>>,
     addr: SocketAddr,
     h2: bool,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
     connect_timeout: Duration,
-) -> Result<Response<Incoming>, AttemptError> {
+) -> Result<(Response<Incoming>, Option<Lease>), AttemptError> {
     if h2 {
         let existing = pool
             .borrow()
@@ -93,7 +120,7 @@ pub async fn send(
             }
         };
         return match sender.try_send_request(req).await {
-            Ok(res) => Ok(res),
+            Ok(res) => Ok((res, None)),
             Err(mut e) => match e.take_message() {
                 Some(r) => {
                     pool.borrow_mut().h2.remove(&addr);
@@ -107,17 +134,21 @@ pub async fn send(
         };
     }
 
-    // HTTP/1.1: try idle pooled senders first; a dead one hands the request back.
+    // HTTP/1.1: a pooled sender that is ready; closed ones are dropped, ones still finishing
+    // their previous response stay. A dead one hands the request back.
     loop {
-        let idle = pool.borrow_mut().h1.get_mut(&addr).and_then(Vec::pop);
+        let idle = take_ready(pool, addr);
         let Some(mut sender) = idle else { break };
-        if !sender.is_ready() {
-            continue;
-        }
         match sender.try_send_request(req).await {
             Ok(res) => {
-                recycle(pool, addr, sender);
-                return Ok(res);
+                return Ok((
+                    res,
+                    Some(Lease {
+                        pool: Rc::clone(pool),
+                        addr,
+                        sender,
+                    }),
+                ));
             }
             Err(mut e) => match e.take_message() {
                 Some(r) => req = r,
@@ -137,10 +168,14 @@ pub async fn send(
         let _ = conn.await;
     });
     match sender.try_send_request(req).await {
-        Ok(res) => {
-            recycle(pool, addr, sender);
-            Ok(res)
-        }
+        Ok(res) => Ok((
+            res,
+            Some(Lease {
+                pool: Rc::clone(pool),
+                addr,
+                sender,
+            }),
+        )),
         Err(mut e) => match e.take_message() {
             Some(r) => Err(AttemptError::Connect(
                 std::io::Error::other("new connection closed"),
@@ -151,16 +186,20 @@ pub async fn send(
     }
 }
 
-/// Return an HTTP/1.1 sender to the pool once its response body is done.
-fn recycle(pool: &Rc<RefCell<Pool>>, addr: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
-    let pool = Rc::clone(pool);
-    tokio::task::spawn_local(async move {
-        if sender.ready().await.is_ok() {
-            let mut p = pool.borrow_mut();
-            let idle = p.h1.entry(addr).or_default();
-            if idle.len() < MAX_IDLE_PER_ADDR {
-                idle.push(sender);
-            }
+/// A pooled HTTP/1.1 sender of `addr` that is ready for a request, newest first. Closed
+/// senders are dropped; busy ones (still finishing a response) stay in the pool.
+fn take_ready(pool: &Rc<RefCell<Pool>>, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+    let mut p = pool.borrow_mut();
+    let idle = p.h1.get_mut(&addr)?;
+    let mut i = idle.len();
+    while i > 0 {
+        i -= 1;
+        if idle[i].is_ready() {
+            return Some(idle.swap_remove(i));
         }
-    });
+        if idle[i].is_closed() {
+            idle.swap_remove(i);
+        }
+    }
+    None
 }

@@ -26,12 +26,13 @@ pub struct Shape<'a> {
     pub request_id: &'a HeaderValue,
     /// The client connection.
     pub conn: &'a ConnInfo,
+    /// This hop's `traceparent`.
+    pub traceparent: &'a HeaderValue,
 }
 
 /// Rewrite `headers` for the upstream.
 pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     strip_hop_by_hop(headers, true);
-    let traceparent = super::ids::traceparent(headers.get(TRACEPARENT));
     headers.insert(X_CELL_ID, s.cell.clone());
     headers.insert(X_ROUTING_VERSION, s.version.clone());
     match s.gray {
@@ -43,7 +44,7 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
         }
     }
     headers.insert(X_REQUEST_ID, s.request_id.clone());
-    headers.insert(TRACEPARENT, traceparent);
+    headers.insert(TRACEPARENT, s.traceparent.clone());
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text))
@@ -58,6 +59,10 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
 /// Remove hop-by-hop headers (and the ones `Connection` names). `keep_te_trailers` keeps
 /// `TE: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // One pass over the names first: most messages carry none of these.
+    if !headers.keys().any(|k| *k == TE || HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(conn) = headers.get(http::header::CONNECTION) {
         let named: Vec<HeaderName> = conn
             .to_str()
@@ -118,6 +123,13 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
         }
         *uri = Uri::from(pq);
     }
+}
+
+/// Re-target a request at another cell's protocol (a retry that crossed cells).
+pub fn set_target_for<B>(req: &mut http::Request<B>, h2: bool, fallback_authority: &str) {
+    let mut uri = std::mem::take(req.uri_mut());
+    set_target(&mut uri, req.headers_mut(), h2, fallback_authority);
+    *req.uri_mut() = uri;
 }
 
 /// Write the remaining budget (`X-Timeout`, and `grpc-timeout` for gRPC).

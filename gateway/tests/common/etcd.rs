@@ -324,7 +324,7 @@ async fn connect_retrying(addr: SocketAddr) -> super::H1 {
 
 /// A bounded request load: `conns` keep-alive connections each sending one request every
 /// `every`, keys spread over `keys`; counts successes and failures (any non-200 or error).
-pub struct Load {
+pub struct PacedLoad {
     pub ok: Arc<AtomicU64>,
     pub failed: Arc<AtomicU64>,
     pub failures: Arc<Mutex<Vec<String>>>,
@@ -332,8 +332,8 @@ pub struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl Load {
-    pub fn start(addr: SocketAddr, conns: usize, every: Duration, keys: Vec<String>) -> Load {
+impl PacedLoad {
+    pub fn start(addr: SocketAddr, conns: usize, every: Duration, keys: Vec<String>) -> PacedLoad {
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let failures: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -377,7 +377,7 @@ impl Load {
                 })
             })
             .collect();
-        Load {
+        PacedLoad {
             ok,
             failed,
             failures,

@@ -343,3 +343,139 @@ pub fn expected_cell(table: &cellgate_routing::RoutingTable, key: &str) -> Strin
     let e = table.explain(key, cellgate_health::now_ms()).unwrap();
     e.cell
 }
+
+/// One response seen by [`Load`].
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub at: Instant,
+    pub key: String,
+    pub status: u16,
+    pub cell: String,
+    pub instance: String,
+}
+
+/// A bounded load: `clients` keep-alive connections cycling over `keys` until stopped or
+/// `max` has passed. Every response (or transport error, as status 0) is recorded.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        addr: SocketAddr,
+        keys: Vec<String>,
+        clients: usize,
+        max: Duration,
+        extra: &[(&'static str, &'static str)],
+    ) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let keys = Arc::new(keys);
+        let extra: Arc<Vec<(&'static str, &'static str)>> = Arc::new(extra.to_vec());
+        let mut tasks = Vec::new();
+        for c in 0..clients {
+            let (stop, samples, keys, extra) = (
+                Arc::clone(&stop),
+                Arc::clone(&samples),
+                Arc::clone(&keys),
+                Arc::clone(&extra),
+            );
+            tasks.push(tokio::spawn(async move {
+                let end = Instant::now() + max;
+                let mut conn = H1::connect(addr).await;
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                    let key = keys[i % keys.len()].clone();
+                    i += clients;
+                    let mut h: Vec<(&str, &str)> = vec![("x-user-id", key.as_str())];
+                    h.extend(extra.iter().copied());
+                    let s = match conn.try_get("/load", &h).await {
+                        Ok(r) => {
+                            let (cell, instance) =
+                                match serde_json::from_slice::<serde_json::Value>(&r.body) {
+                                    Ok(v) => (
+                                        v["cell"].as_str().unwrap_or("").to_owned(),
+                                        v["instance"].as_str().unwrap_or("").to_owned(),
+                                    ),
+                                    Err(_) => (String::new(), String::new()),
+                                };
+                            Sample {
+                                at: Instant::now(),
+                                key,
+                                status: r.status.as_u16(),
+                                cell,
+                                instance,
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("load client transport error: {e}");
+                            conn = H1::connect(addr).await;
+                            Sample {
+                                at: Instant::now(),
+                                key,
+                                status: 0,
+                                cell: String::new(),
+                                instance: String::new(),
+                            }
+                        }
+                    };
+                    samples.lock().unwrap().push(s);
+                }
+            }));
+        }
+        Load {
+            stop,
+            samples,
+            tasks,
+        }
+    }
+
+    /// Samples so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap().clone()
+    }
+
+    /// Wait (bounded) until `pred` holds for the samples so far.
+    pub async fn wait_for(&self, within: Duration, pred: impl Fn(&[Sample]) -> bool) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if pred(&self.samples.lock().unwrap()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let s = self.samples.lock().unwrap().clone();
+        s
+    }
+}
+
+/// Keys whose home cell is `cell` under `table`.
+pub fn keys_in(table: &cellgate_routing::RoutingTable, cell: &str, n: usize) -> Vec<String> {
+    (0..100_000)
+        .map(|i| format!("user-{i}"))
+        .filter(|k| table.explain(k, 1).unwrap().home_cell == cell)
+        .take(n)
+        .collect()
+}
+
+/// Wait (bounded) until connections to `addr` are refused.
+pub async fn wait_refusing(addr: SocketAddr) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{addr} still accepts connections");
+}
