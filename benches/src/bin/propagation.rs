@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo build -p cellgate && cargo run -p cellgate-benches --bin propagation
-//! # options: CHANGES=100 GATEWAYS=3 CELLGATE_BIN=target/release/cellgate
+//! # options: CHANGES=100 GATEWAYS=3 CELLGATE_BIN=target/release/cellgate BENCH_DIR=/dev/shm
 //! ```
 //!
 //! Starts a single-node etcd (Debian's `etcd`) on free loopback ports with a temporary
@@ -16,7 +16,8 @@
 //! - **propagation**: until the last gateway of the fleet serves the new table version
 //!   (each gateway's `/readyz` polled every millisecond).
 //!
-//! Prints p50 / p99 / max of both. Everything runs on loopback and is stopped at the end.
+//! Prints p50 / p99 / max of both, and of the fan-out between them (the issuing gateway
+//! answered → every gateway serves the change). Everything runs on loopback and is stopped at the end.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,7 +151,10 @@ async fn main() -> Result<(), String> {
     let changes = env_usize("CHANGES", 100);
     let n = env_usize("GATEWAYS", 3).max(1);
     let bin = cellgate_bin();
-    let dir = std::env::temp_dir().join(format!("cellgate-propagation-{}", std::process::id()));
+    // BENCH_DIR: where etcd keeps its data (default: the temp dir; /dev/shm takes the disk
+    // out of the measurement).
+    let parent = std::env::var_os("BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let dir = parent.join(format!("cellgate-propagation-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (client, peer) = (
         free_port().map_err(|e| e.to_string())?,
@@ -227,6 +231,7 @@ async fn main() -> Result<(), String> {
 
     let mut commit = Vec::with_capacity(changes);
     let mut propagation = Vec::with_capacity(changes);
+    let mut after = Vec::with_capacity(changes);
     for k in 0..changes {
         let at = admins[k % n];
         let old = version(at).await?;
@@ -268,9 +273,11 @@ async fn main() -> Result<(), String> {
         }
         commit.push(committed);
         propagation.push(last - t0);
+        after.push((last - t0).saturating_sub(committed));
     }
     commit.sort();
     propagation.sort();
+    after.sort();
     println!(
         "cellgate propagation: {changes} changes, {n} gateways, one etcd (loopback), {}",
         bin.display()
@@ -286,6 +293,12 @@ async fn main() -> Result<(), String> {
         ms(percentile(&propagation, 0.50)),
         ms(percentile(&propagation, 0.99)),
         ms(percentile(&propagation, 1.0))
+    );
+    println!(
+        "  fan-out (issuing gateway answered → all serve it): p50 {}  p99 {}  max {}",
+        ms(percentile(&after, 0.50)),
+        ms(percentile(&after, 0.99)),
+        ms(percentile(&after, 1.0))
     );
     drop(gws);
     drop(etcd);
