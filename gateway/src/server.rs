@@ -188,6 +188,19 @@ impl Shared {
 
     /// Remember a switch (bounded history).
     pub fn push_switch(&self, e: SwitchEvent) {
+        // Every automatic switch is an audit event, with its reason and duration.
+        let mut rec = cellgate_config::AuditRecord::new(
+            format!("gateway:{}", self.control.gateway_id),
+            e.action,
+        );
+        rec.target = (!e.cell.is_empty()).then(|| e.cell.clone());
+        rec.duration_ms = e.switch_ms;
+        rec.plan = serde_json::json!({
+            "reason": e.reason,
+            "table_version": e.table_version,
+            "failed_over_ms": e.failed_over_ms,
+        });
+        self.control.audit.record(rec);
         let mut q = match self.switches.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),

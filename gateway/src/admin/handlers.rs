@@ -478,6 +478,28 @@ pub(super) async fn audit(
     Ok(Json(json!({"events": events})))
 }
 
+/// The dashboard: one static page (it asks for the token and calls this API).
+pub(super) async fn ui() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../../assets/ui.html"),
+    )
+}
+
+/// Prometheus text exposition.
+pub(super) async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&s),
+    )
+}
+
 pub(super) async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], super::OPENAPI)
 }

@@ -113,6 +113,8 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/admin/audit", get(audit)),
         route(Method::GET, "/admin/openapi.json", get(openapi)),
         route(Method::GET, "/admin/fleet", get(fleet)),
+        route(Method::GET, "/ui", get(ui)),
+        route(Method::GET, "/metrics", get(metrics)),
     ]
 }
 
