@@ -62,6 +62,23 @@ impl Api {
             .get("content-type")
             .map(|v| v.to_str().unwrap().to_owned());
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        // The dashboard (HTML) and the metrics (Prometheus text) are the only non-JSON routes.
+        if path == "/ui" || path == "/metrics" {
+            let want = if path == "/ui" {
+                "text/html"
+            } else {
+                "text/plain"
+            };
+            assert!(
+                ct.as_deref().unwrap_or("").starts_with(want),
+                "{path}: {ct:?}"
+            );
+            assert!(!bytes.is_empty(), "{path}");
+            return (
+                status,
+                Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+            );
+        }
         let v: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {bytes:?}"));
         assert_eq!(ct.as_deref(), Some("application/json"), "{path}");

@@ -92,7 +92,10 @@ async fn invalid_documents_are_rejected_and_the_old_table_keeps_serving() {
             "{key}: the old table serves"
         );
         assert_eq!(t["rejected"]["version"].as_i64(), Some(rev));
-        assert!(gw.logs_contain("configuration in etcd rejected"));
+        assert!(
+            gw.wait_log("configuration in etcd rejected", Duration::from_secs(5))
+                .await
+        );
         // Traffic still flows by the old table.
         let r = get(gw.addr, "/", &[("x-user-id", &b_key)]).await;
         assert_eq!((r.status.as_u16(), r.header("x-cell-id")), (200, Some("b")));

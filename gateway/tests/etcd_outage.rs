@@ -113,7 +113,10 @@ async fn an_etcd_outage_under_load_fails_nothing_and_changes_made_meanwhile_appl
         ok as f64 >= outage.as_secs_f64() * 100.0,
         "only {ok} requests in {outage:?}"
     );
-    assert!(gw.logs_contain("etcd reachable again; resynced"));
+    assert!(
+        gw.wait_log("etcd reachable again; resynced", Duration::from_secs(10))
+            .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,7 +163,7 @@ async fn five_percent_errors_fail_a_cell_over_within_window_plus_three_seconds()
         "all of a's keys moved"
     );
     assert!(
-        gw.logs_contain("error ratio"),
+        gw.wait_log("error ratio", Duration::from_secs(5)).await,
         "the switch names its reason"
     );
 }
