@@ -143,8 +143,10 @@ fn transient(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::TransportError(_) | E::IoError(_) => true,
-        // gRPC codes UNKNOWN (2), DEADLINE_EXCEEDED (4), ABORTED (10), UNAVAILABLE (14).
-        E::GRpcStatus(s) => matches!(s.code() as i32, 2 | 4 | 10 | 14),
+        // gRPC codes UNKNOWN (2), DEADLINE_EXCEEDED (4), ABORTED (10), UNAVAILABLE (14), and
+        // UNIMPLEMENTED (12): a member that has just started can answer before it has
+        // registered every service (seen as "unknown service v3lockpb.Lock").
+        E::GRpcStatus(s) => matches!(s.code() as i32, 2 | 4 | 10 | 12 | 14),
         _ => false,
     }
 }

@@ -52,9 +52,21 @@ pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
     }
 }
 
-/// Watch `path` until the process ends.
-pub async fn watch_file(shared: Arc<Shared>, path: PathBuf, interval: Duration, mut hup: Signal) {
-    let mut last = tokio::fs::read(&path).await.map(|b| digest(&b)).ok();
+/// Digest of a file's content (`None` when unreadable).
+pub fn file_digest(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| digest(&b))
+}
+
+/// Watch `path` until the process ends. `baseline` is the digest of the content the serving
+/// table was built from; anything else is a change to apply.
+pub async fn watch_file(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    baseline: Option<u64>,
+    interval: Duration,
+    mut hup: Signal,
+) {
+    let mut last = baseline;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -301,6 +301,7 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     opts: RunOptions,
     exporter_task: Option<BoxTask>,
+    config_digest: Option<u64>,
     control: crate::control::ControlRuntime,
 }
 
@@ -349,6 +350,12 @@ fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
 impl Gateway {
     /// Build the first table, bind the listeners and start the workers.
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
+        // The file as it is now, before anyone is told we listen: an edit made after that is
+        // a change the watcher must apply.
+        let config_digest = opts
+            .config_path
+            .as_deref()
+            .and_then(crate::reload::file_digest);
         let health = HealthRegistry::new();
         let boot = crate::control::boot(&opts, &health)?;
         let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
@@ -420,6 +427,7 @@ impl Gateway {
             admin_addr,
             opts,
             exporter_task,
+            config_digest,
             control: boot.runtime,
         })
     }
@@ -446,6 +454,7 @@ impl Gateway {
                 tokio::spawn(crate::reload::watch_file(
                     Arc::clone(&self.shared),
                     path,
+                    self.config_digest,
                     self.opts.watch_interval,
                     hup,
                 ));
