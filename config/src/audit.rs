@@ -96,7 +96,8 @@ pub fn rfc3339(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
-    // Civil from days (H. Hinnant's algorithm).
+    // Days since the Unix epoch → proleptic Gregorian year, month, day (the standard
+    // era-based civil-from-days conversion).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
