@@ -53,6 +53,30 @@ pub struct Config {
     /// Traces and logs.
     #[serde(default)]
     pub telemetry: TelemetryCfg,
+    /// The etcd configuration store (off unless given; `--etcd` also switches it on). With
+    /// etcd, the routing part of this file (regions, routing, timeouts, cells, slots,
+    /// overrides, gray) is only the fallback for an empty store; etcd is the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdCfg>,
+}
+
+/// The etcd configuration store (SPEC §6).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdCfg {
+    /// Client URLs, e.g. `http://127.0.0.1:2379` (several for a cluster).
+    pub endpoints: Vec<String>,
+    /// Key prefix (default `/cellgate/`).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// This gateway's id under `gateways/<id>` (default: host name and proxy port).
+    #[serde(default)]
+    pub gateway_id: Option<String>,
+}
+
+/// Default etcd key prefix.
+pub fn default_prefix() -> String {
+    "/cellgate/".into()
 }
 
 /// `telemetry:` — OpenTelemetry export. Read at start; changing it needs a restart.
@@ -129,12 +153,28 @@ pub struct Admin {
     /// Address (default `127.0.0.1:9901`).
     #[serde(default = "default_admin")]
     pub listen: String,
-    /// Bearer token; `CELLGATE_ADMIN_TOKEN` overrides it.
+    /// Bearer token (audit actor `admin`); `CELLGATE_ADMIN_TOKEN` overrides it.
     #[serde(default)]
     pub token: Option<String>,
     /// TLS for the admin API, with client certificates required (mTLS); off unless given.
     #[serde(default)]
     pub tls: Option<AdminTlsCfg>,
+    /// More bearer tokens by name (`name: token`); the name is the actor in the audit log.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, String>,
+    /// Largest share of the key space (0–1) one mutation may move to another cell unless it
+    /// says `force=true` (default 0.5).
+    #[serde(default = "default_max_move_share")]
+    pub max_move_share: f64,
+    /// Directory for local control-plane state: the admin overlay, the local audit log and
+    /// the last known good table. Default: `<config file>.state` next to the file; without a
+    /// file, a directory under the system temp dir named after the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+    /// The local audit log (JSON lines), used when etcd is not configured. Default
+    /// `<state_dir>/audit.jsonl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_file: Option<String>,
 }
 
 impl Default for Admin {
@@ -143,6 +183,10 @@ impl Default for Admin {
             listen: default_admin(),
             token: None,
             tls: None,
+            tokens: BTreeMap::new(),
+            max_move_share: default_max_move_share(),
+            state_dir: None,
+            audit_file: None,
         }
     }
 }
@@ -158,6 +202,10 @@ pub struct AdminTlsCfg {
     pub key: String,
     /// PEM file of the CA certificate(s) that sign admin client certificates.
     pub client_ca: String,
+}
+
+fn default_max_move_share() -> f64 {
+    0.5
 }
 
 fn default_admin() -> String {
@@ -326,6 +374,10 @@ pub struct CellCfg {
     /// Ordered failover targets.
     #[serde(default)]
     pub failover: Vec<String>,
+    /// Set by an admin switch (`POST /admin/cells/{id}/switch`): the cell whose traffic this
+    /// cell's keys go to. It is tried before `failover` while the cell is not active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_to: Option<String>,
     /// Upstream protocol: `auto` (default; HTTP/1.1, gRPC over h2c), `http1`, `h2c`.
     #[serde(default)]
     pub protocol: cellgate_routing::UpstreamProtocol,

@@ -41,14 +41,16 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_micros((ms * 1_000.0).round() as u64))
 }
 
-fn valid_id(s: &str) -> bool {
+/// Whether `s` is a valid id (cells, regions, instances, token names, gateway ids).
+pub fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-fn parse_range(s: &str) -> Option<(u32, u32)> {
+/// Parse a slot range `lo-hi` or a single slot `n` (inclusive).
+pub fn parse_range(s: &str) -> Option<(u32, u32)> {
     match s.split_once('-') {
         Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
         None => {
@@ -156,6 +158,53 @@ impl Config {
                     self.shutdown.grace
                 ),
             );
+        }
+        for (name, token) in &self.admin.tokens {
+            if !valid_id(name) {
+                is.push(
+                    format!("admin.tokens[{name:?}]"),
+                    "name must be 1-64 letters, digits, '.', '_' or '-'",
+                );
+            }
+            if token.len() < 8 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                is.push(
+                    format!("admin.tokens[{name:?}]"),
+                    "token must be at least 8 visible ASCII characters",
+                );
+            }
+        }
+        if !(self.admin.max_move_share > 0.0 && self.admin.max_move_share <= 1.0) {
+            is.push(
+                "admin.max_move_share",
+                format!("{} is outside (0, 1]", self.admin.max_move_share),
+            );
+        }
+        if let Some(etcd) = &self.etcd {
+            if etcd.endpoints.is_empty() {
+                is.push("etcd.endpoints", "at least one endpoint is required");
+            }
+            for (i, e) in etcd.endpoints.iter().enumerate() {
+                if !e.starts_with("http://") {
+                    is.push(
+                        format!("etcd.endpoints[{i}]"),
+                        format!("{e:?} is not an http:// URL"),
+                    );
+                }
+            }
+            if !etcd.prefix.starts_with('/') || !etcd.prefix.ends_with('/') {
+                is.push(
+                    "etcd.prefix",
+                    format!("{:?} must start and end with '/'", etcd.prefix),
+                );
+            }
+            if let Some(id) = &etcd.gateway_id {
+                if !valid_id(id) {
+                    is.push(
+                        "etcd.gateway_id",
+                        format!("{id:?} must be 1-64 letters, digits, '.', '_' or '-'"),
+                    );
+                }
+            }
         }
         if self.workers > 1024 {
             is.push(
@@ -292,6 +341,16 @@ impl Config {
                     is.push(
                         format!("{p}.failover[{j}]"),
                         format!("duplicate failover target {f:?}"),
+                    );
+                }
+            }
+            if let Some(to) = &c.switched_to {
+                if !cell_ids.contains(to.as_str()) {
+                    is.push(format!("{p}.switched_to"), format!("unknown cell {to:?}"));
+                } else if *to == c.id {
+                    is.push(
+                        format!("{p}.switched_to"),
+                        "a cell cannot be switched to itself",
                     );
                 }
             }
@@ -527,7 +586,7 @@ impl Config {
                 region: c.region.clone(),
                 state: c.state,
                 weight: c.weight,
-                failover: c.failover.clone(),
+                failover: c.effective_failover(),
                 instances,
                 protocol: c.protocol,
             });
@@ -681,6 +740,19 @@ impl ShutdownCfg {
     /// [`ShutdownCfg::grace`] as a duration (the configuration must be valid).
     pub fn grace_duration(&self) -> Duration {
         parse_duration(&self.grace).unwrap_or(Duration::from_secs(30))
+    }
+}
+
+impl CellCfg {
+    /// The failover order the table uses: the switch target first (when the cell was
+    /// switched), then the configured targets.
+    pub fn effective_failover(&self) -> Vec<String> {
+        match &self.switched_to {
+            None => self.failover.clone(),
+            Some(to) => std::iter::once(to.clone())
+                .chain(self.failover.iter().filter(|f| *f != to).cloned())
+                .collect(),
+        }
     }
 }
 

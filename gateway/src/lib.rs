@@ -31,9 +31,21 @@
 //! off the request path ([`reload`]) and swaps it whole. Each worker thread runs its own
 //! single-threaded runtime with its own upstream connection pool, so the request path
 //! takes no lock.
+//!
+//! # The control plane
+//!
+//! Beside the workers, one control thread runs the admin API ([`admin`]), the
+//! configuration source ([`control`]: the file with the admin overlay, or etcd with its
+//! watch, switch protocol and fleet registration) and the audit log ([`audit`]). It builds
+//! new tables off the request path and swaps them into the same `ArcSwap`;
+//! `cellgate ctl` ([`ctl`]) talks to the admin API.
 
+pub mod admin;
+pub mod audit;
 pub mod conn;
+pub mod control;
 pub mod controller;
+pub mod ctl;
 pub mod demo;
 pub mod guard;
 pub mod metrics;

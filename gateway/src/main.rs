@@ -35,9 +35,27 @@ enum Command {
         /// Configuration file (watched; changes are hot-applied). Default: the built-in demo configuration.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// etcd endpoint (configuration store).
+        /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379): the configuration
+        /// store. The file then only gives listeners, admin and process settings.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Option<Vec<String>>,
+        /// etcd key prefix (default /cellgate/).
         #[arg(long)]
-        etcd: Option<String>,
+        etcd_prefix: Option<String>,
+        /// This gateway's id in the fleet (default: host name, proxy port and process id).
+        #[arg(long)]
+        gateway_id: Option<String>,
+        /// Directory for the admin overlay, local audit log and last known good table
+        /// (default: <config file>.state).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Admin API bearer token (overrides admin.token).
+        #[arg(
+            long = "admin-token",
+            env = "CELLGATE_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
+        admin_token: Option<String>,
         /// Proxy listen address (overrides `listen.http`; default 0.0.0.0:8080).
         #[arg(long)]
         listen: Option<String>,
@@ -62,6 +80,13 @@ enum Command {
         /// Worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Admin API bearer token (default demo-token).
+        #[arg(
+            long = "admin-token",
+            env = "CELLGATE_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
+        admin_token: Option<String>,
     },
     /// Run one demo upstream instance.
     Upstream {
@@ -92,6 +117,42 @@ enum Command {
         /// Region of the request (checked against the file's regions).
         #[arg(long)]
         region: Option<String>,
+    },
+    /// Configuration store commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Talk to a running gateway's admin API.
+    Ctl {
+        /// Admin API address.
+        #[arg(long, default_value = "127.0.0.1:9901", env = "CELLGATE_ADMIN")]
+        admin: String,
+        /// Bearer token.
+        #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[command(subcommand)]
+        command: cellgate::ctl::CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Bootstrap etcd from a configuration file (cells, slots, overrides, gray rules,
+    /// settings), in one transaction with an audit record.
+    Push {
+        /// etcd endpoints, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Key prefix (default /cellgate/).
+        #[arg(long, default_value = "/cellgate/")]
+        prefix: String,
+        /// Overwrite a configuration already in etcd.
+        #[arg(long)]
+        replace: bool,
     },
 }
 
@@ -140,14 +201,14 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Run {
             config,
             etcd,
+            etcd_prefix,
+            gateway_id,
+            state_dir,
+            admin_token,
             listen,
-            admin_listen: _,
+            admin_listen,
             workers,
         } => {
-            if let Some(url) = etcd {
-                eprintln!("cellgate run: --etcd {url}: the etcd configuration source is not available in this build; run from a file with --config");
-                return Err(ExitCode::from(2));
-            }
             let (cfg, path) = match &config {
                 Some(p) => (load(p)?, Some(p.clone())),
                 None => (
@@ -162,6 +223,12 @@ fn run(command: Command) -> Result<(), ExitCode> {
             opts.config_path = path;
             opts.listen = listen;
             opts.workers = workers;
+            opts.admin_listen = admin_listen;
+            opts.admin_token = admin_token;
+            opts.etcd = etcd;
+            opts.etcd_prefix = etcd_prefix;
+            opts.gateway_id = gateway_id;
+            opts.state_dir = state_dir;
             Gateway::start(opts)
                 .and_then(Gateway::run_until_signal)
                 .map_err(|e| {
@@ -173,14 +240,15 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Demo {
             print_config,
             listen,
-            admin_listen: _,
+            admin_listen,
             workers,
+            admin_token,
         } => {
             if print_config {
                 print!("{DEMO_YAML}");
                 return Ok(());
             }
-            demo::run(listen, workers).map_err(|e| {
+            demo::run(listen, admin_listen, admin_token, workers).map_err(|e| {
                 eprintln!("cellgate demo: {e}");
                 ExitCode::from(1)
             })
@@ -259,6 +327,85 @@ fn run(command: Command) -> Result<(), ExitCode> {
             }
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
+        }
+        Command::Config {
+            command:
+                ConfigCommand::Push {
+                    etcd,
+                    config,
+                    prefix,
+                    replace,
+                },
+        } => config_push(&etcd, &config, &prefix, replace),
+        Command::Ctl {
+            admin,
+            token,
+            command,
+        } => {
+            let rt = small_runtime("cellgate ctl")?;
+            match rt.block_on(cellgate::ctl::run(&admin, token.as_deref(), &command)) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    Ok(())
+                }
+                Err(e) => {
+                    eprintln!("cellgate ctl: {e}");
+                    Err(ExitCode::from(1))
+                }
+            }
+        }
+    }
+}
+
+fn small_runtime(what: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{what}: {e}");
+            ExitCode::from(1)
+        })
+}
+
+fn config_push(
+    endpoints: &[String],
+    path: &std::path::Path,
+    prefix: &str,
+    replace: bool,
+) -> Result<(), ExitCode> {
+    let cfg = load(path)?;
+    cfg.build_table(1, &cellgate_health::HealthRegistry::new())
+        .map_err(|e| {
+            print_config_error(&path.display().to_string(), &e);
+            ExitCode::from(1)
+        })?;
+    if !prefix.starts_with('/') || !prefix.ends_with('/') {
+        eprintln!("cellgate config push: --prefix {prefix:?} must start and end with '/'");
+        return Err(ExitCode::from(2));
+    }
+    let rt = small_runtime("cellgate config push")?;
+    let result = rt.block_on(async {
+        let store = cellgate_config::etcd::EtcdStore::connect(endpoints, prefix).await?;
+        let mut rec = cellgate_config::AuditRecord::new("cli", "config_push");
+        rec.target = Some(path.display().to_string());
+        rec.request = serde_json::json!({"file": path.display().to_string(), "replace": replace});
+        store.push(&cfg, replace, &rec).await
+    });
+    match result {
+        Ok(rev) => {
+            println!(
+                "{}: pushed to {} under {prefix} ({} cells, {} overrides, {} gray rules); table version {rev}",
+                path.display(),
+                endpoints.join(","),
+                cfg.cells.len(),
+                cfg.overrides.len(),
+                cfg.gray.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("cellgate config push: {e}");
+            Err(ExitCode::from(1))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Hot reload of the configuration file: watch it (content polled at an interval, and on
-//! SIGHUP), build and validate the new table off the request path, and swap it in whole.
+//! SIGHUP), build and validate the new table (the file with the admin overlay on top) off
+//! the request path, and swap it in whole.
 //! An invalid file is rejected with a log line naming each problem; the old table keeps
 //! serving. Never blocks a worker.
 
@@ -27,51 +28,45 @@ pub enum Reloaded {
     Rejected(String),
 }
 
-/// Load, validate and build `path`, and swap it in when it is valid.
+/// Load and validate `path`, apply the admin overlay on top, build, and swap it in when it
+/// is valid (see [`crate::control`] for how file and admin changes compose).
 pub async fn reload_once(shared: &Arc<Shared>, path: &Path) -> Reloaded {
-    let mut writer = shared.writer.lock().await;
-    let shared2 = Arc::clone(shared);
     let path2 = path.to_owned();
-    let mut overlay = writer.gray_overlay.clone();
-    let built = tokio::task::spawn_blocking(move || {
-        let cfg = cellgate_config::load_file(&path2).map_err(|e| e.to_string())?;
-        overlay.rearm(&cfg);
-        let next = shared2.table.load().version() + 1;
-        let table = overlay
-            .apply(&cfg)
-            .build_table(next, &shared2.health)
-            .map_err(|e| e.to_string())?;
-        let tls = crate::tls::UpstreamTlsMap::from_config(&cfg).map_err(|e| e.to_string())?;
-        Ok::<_, String>((cfg, table, overlay, tls))
-    })
-    .await;
-    match built {
-        Ok(Ok((cfg, table, overlay, tls))) => {
-            let v = table.version();
-            shared.shedding.apply(&cfg.shedding);
-            writer.gray_overlay = overlay;
-            writer.config = cfg;
-            shared.upstream_tls.store(Arc::new(tls));
-            shared.table.store(Arc::new(table));
+    let loaded = tokio::task::spawn_blocking(move || cellgate_config::load_file(&path2)).await;
+    let result = match loaded {
+        Ok(Ok(cfg)) => crate::control::apply_file(shared, cfg).await,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(v) => {
             shared.metrics.reload("file", true);
             tracing::info!(file = %path.display(), version = v, "configuration reloaded; routing table swapped");
             Reloaded::Applied(v)
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             shared.metrics.reload("file", false);
             tracing::error!(file = %path.display(), error = %e, "configuration rejected; the previous routing table keeps serving");
-            Reloaded::Rejected(e.to_string())
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "configuration reload task failed; the previous routing table keeps serving");
-            Reloaded::Rejected(e.to_string())
+            Reloaded::Rejected(e)
         }
     }
 }
 
-/// Watch `path` until the process ends.
-pub async fn watch_file(shared: Arc<Shared>, path: PathBuf, interval: Duration, mut hup: Signal) {
-    let mut last = tokio::fs::read(&path).await.map(|b| digest(&b)).ok();
+/// Digest of a file's content (`None` when unreadable).
+pub fn file_digest(path: &Path) -> Option<u64> {
+    std::fs::read(path).ok().map(|b| digest(&b))
+}
+
+/// Watch `path` until the process ends. `baseline` is the digest of the content the serving
+/// table was built from; anything else is a change to apply.
+pub async fn watch_file(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    baseline: Option<u64>,
+    interval: Duration,
+    mut hup: Signal,
+) {
+    let mut last = baseline;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

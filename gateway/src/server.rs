@@ -65,6 +65,9 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// OTLP span exporter, when configured.
     pub traces: Option<crate::telemetry::Exporter>,
+    /// Control plane: where the desired configuration comes from (file + admin overlay, or
+    /// etcd), store status, audit log. Never read on the request path.
+    pub control: crate::control::ControlState,
 }
 
 /// Builds tables from the current configuration.
@@ -157,6 +160,30 @@ pub struct SwitchEvent {
 }
 
 impl Shared {
+    /// Shared state around a first table built from `config`, and a control plane.
+    pub fn with_control(
+        table: RoutingTable,
+        health: HealthRegistry,
+        config: Config,
+        control: crate::control::ControlState,
+        traces: Option<crate::telemetry::Exporter>,
+    ) -> Self {
+        let shedding = SheddingLimits::default();
+        shedding.apply(&config.shedding);
+        Self {
+            upstream_tls: ArcSwap::from_pointee(UpstreamTlsMap::default()),
+            table: ArcSwap::from_pointee(table),
+            health,
+            writer: tokio::sync::Mutex::new(TableWriter::new(config)),
+            in_flight: AtomicU64::new(0),
+            shedding,
+            switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            metrics: crate::metrics::Metrics::default(),
+            traces,
+            control,
+        }
+    }
+
     /// Build a new table version from `writer.config` and swap it in. Caller holds the writer.
     pub fn rebuild(&self, writer: &TableWriter) -> Result<u64, cellgate_config::ConfigError> {
         let next = self.table.load().version() + 1;
@@ -170,6 +197,19 @@ impl Shared {
 
     /// Remember a switch (bounded history).
     pub fn push_switch(&self, e: SwitchEvent) {
+        // Every automatic switch is an audit event, with its reason and duration.
+        let mut rec = cellgate_config::AuditRecord::new(
+            format!("gateway:{}", self.control.gateway_id),
+            e.action,
+        );
+        rec.target = (!e.cell.is_empty()).then(|| e.cell.clone());
+        rec.duration_ms = e.switch_ms;
+        rec.plan = serde_json::json!({
+            "reason": e.reason,
+            "table_version": e.table_version,
+            "failed_over_ms": e.failed_over_ms,
+        });
+        self.control.audit.record(rec);
         let mut q = match self.switches.lock() {
             Ok(q) => q,
             Err(p) => p.into_inner(),
@@ -204,6 +244,9 @@ pub enum GatewayError {
     /// An option is not available.
     #[error("{0}")]
     Unsupported(String),
+    /// The control plane (admin API, configuration store) could not start.
+    #[error("control plane: {0}")]
+    Control(String),
 }
 
 /// How to run the gateway.
@@ -221,6 +264,18 @@ pub struct RunOptions {
     pub watch_interval: Duration,
     /// How often the health controller publishes weights and evaluates cell failover.
     pub health_tick: Duration,
+    /// Override of `admin.listen`.
+    pub admin_listen: Option<String>,
+    /// Admin token (`CELLGATE_ADMIN_TOKEN`), overriding `admin.token`.
+    pub admin_token: Option<String>,
+    /// etcd endpoints (`--etcd`), overriding `etcd.endpoints`; etcd becomes the source.
+    pub etcd: Option<Vec<String>>,
+    /// Override of `etcd.prefix`.
+    pub etcd_prefix: Option<String>,
+    /// Override of `etcd.gateway_id`.
+    pub gateway_id: Option<String>,
+    /// Override of `admin.state_dir`.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -233,6 +288,12 @@ impl RunOptions {
             workers: None,
             watch_interval: Duration::from_millis(250),
             health_tick: Duration::from_millis(100),
+            admin_listen: None,
+            admin_token: None,
+            etcd: None,
+            etcd_prefix: None,
+            gateway_id: None,
+            state_dir: None,
         }
     }
 }
@@ -319,12 +380,16 @@ pub struct Gateway {
     pub tls_addr: Option<SocketAddr>,
     /// Connections and drain.
     pub lifecycle: Arc<Lifecycle>,
+    /// Bound admin API address.
+    pub admin_addr: SocketAddr,
     opts: RunOptions,
     /// The listening sockets, for a binary upgrade.
     listeners: Vec<(&'static str, std::net::TcpListener)>,
     certs: Option<Arc<CertReloader>>,
     exe: Option<PathBuf>,
     exporter_task: Option<BoxTask>,
+    config_digest: Option<u64>,
+    control: crate::control::ControlRuntime,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -332,12 +397,30 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("http_addr", &self.http_addr)
             .field("tls_addr", &self.tls_addr)
+            .field("admin_addr", &self.admin_addr)
             .finish()
     }
 }
 
 /// A background task the gateway starts when it runs.
 pub type BoxTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Bind a listening socket (address reuse on, non-blocking).
+pub fn bind_listener(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
+    bind(addr)
+}
+
+/// The listening socket `name` handed over by a previous process (binary upgrade), or a
+/// new one bound to `addr`.
+pub fn bind_or_inherit(name: &str, addr: &str) -> Result<std::net::TcpListener, GatewayError> {
+    match crate::upgrade::take_inherited(name) {
+        Some(l) => {
+            tracing::info!(listener = name, addr = ?l.local_addr().ok(), "using the listening socket handed over by the previous process");
+            Ok(l)
+        }
+        None => bind(addr),
+    }
+}
 
 fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
     let err = |source| GatewayError::Listen {
@@ -363,29 +446,17 @@ fn bind(addr: &str) -> Result<std::net::TcpListener, GatewayError> {
     Ok(socket.into())
 }
 
-/// A listener handed over by a previous process, or a new one.
-fn listener(
-    inherited: &mut crate::upgrade::Inherited,
-    name: &str,
-    addr: &str,
-) -> Result<std::net::TcpListener, GatewayError> {
-    match inherited.take(name) {
-        Some(l) => {
-            tracing::info!(listener = name, addr = ?l.local_addr().ok(), "using the listening socket handed over by the previous process");
-            Ok(l)
-        }
-        None => bind(addr),
-    }
-}
-
 impl Gateway {
     /// Build the first table, bind (or inherit) the listeners and start the workers.
     pub fn start(opts: RunOptions) -> Result<Self, GatewayError> {
+        // The file as it is now, before anyone is told we listen: an edit made after that is
+        // a change the watcher must apply.
+        let config_digest = opts
+            .config_path
+            .as_deref()
+            .and_then(crate::reload::file_digest);
         let health = HealthRegistry::new();
-        let table = opts.config.build_table(1, &health)?;
-        let shedding = SheddingLimits::default();
-        shedding.apply(&opts.config.shedding);
-        let upstream_tls = UpstreamTlsMap::from_config(&opts.config)?;
+        let boot = crate::control::boot(&opts, &health)?;
         let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
             Some(endpoint) => {
                 let (e, task) = crate::telemetry::Exporter::new(
@@ -396,26 +467,20 @@ impl Gateway {
             }
             None => (None, None),
         };
-        let shared = Arc::new(Shared {
-            upstream_tls: ArcSwap::from_pointee(upstream_tls),
-            table: ArcSwap::from_pointee(table),
-            health,
-            writer: tokio::sync::Mutex::new(TableWriter::new(opts.config.clone())),
-            in_flight: AtomicU64::new(0),
-            shedding,
-            switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            metrics: crate::metrics::Metrics::default(),
-            traces,
-        });
+        let desired = boot.state.desired().config.clone();
+        let upstream_tls = UpstreamTlsMap::from_config(&desired)?;
+        let shared = Arc::new(Shared::with_control(
+            boot.table, health, desired, boot.state, traces,
+        ));
+        shared.upstream_tls.store(Arc::new(upstream_tls));
         let settings = ConnSettings::new(&opts.config.limits);
         let lifecycle = Lifecycle::new(opts.config.limits.max_connections);
-        let mut inherited = crate::upgrade::Inherited::from_env();
 
         let http_listen = opts
             .listen
             .clone()
             .unwrap_or_else(|| opts.config.listen.http.clone());
-        let http = listener(&mut inherited, "proxy", &http_listen)?;
+        let http = bind_or_inherit("proxy", &http_listen)?;
         let http_addr = http.local_addr().map_err(GatewayError::Runtime)?;
         let mut listeners = vec![("proxy", http.try_clone().map_err(GatewayError::Runtime)?)];
         let mut certs = None;
@@ -423,18 +488,12 @@ impl Gateway {
             Some(t) => {
                 let (cfg, reloader) = crate::tls::reloading_server_config(&t.cert, &t.key)?;
                 certs = Some(reloader);
-                let l = listener(&mut inherited, "tls", &t.listen)?;
+                let l = bind_or_inherit("tls", &t.listen)?;
                 listeners.push(("tls", l.try_clone().map_err(GatewayError::Runtime)?));
                 Some((l, TlsAcceptor::from(cfg)))
             }
             None => None,
         };
-        for name in inherited.leftover() {
-            tracing::warn!(
-                listener = name,
-                "inherited listening socket not used by this configuration; closing it"
-            );
-        }
         let tls_addr = match &tls {
             Some((l, _)) => Some(l.local_addr().map_err(GatewayError::Runtime)?),
             None => None,
@@ -473,16 +532,24 @@ impl Gateway {
         if let Some(a) = tls_addr {
             tracing::info!(listener = "tls", addr = %a, pid, "listening");
         }
+        listeners.push((
+            "admin",
+            boot.admin.try_clone().map_err(GatewayError::Runtime)?,
+        ));
+        let admin_addr = crate::control::start(&shared, &boot.runtime, boot.admin, http_addr)?;
         Ok(Self {
             shared,
             http_addr,
             tls_addr,
             lifecycle,
+            admin_addr,
             opts,
             listeners,
             certs,
             exe: std::env::current_exe().ok(),
             exporter_task,
+            config_digest,
+            control: boot.runtime,
         })
     }
 
@@ -500,10 +567,17 @@ impl Gateway {
             let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
             let mut usr2 = signal(SignalKind::user_defined2()).map_err(GatewayError::Runtime)?;
             let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
-            if let Some(path) = self.opts.config_path.clone() {
+            let _control = &self.control;
+            if let Some(path) = self
+                .opts
+                .config_path
+                .clone()
+                .filter(|_| !self.shared.control.is_etcd())
+            {
                 tokio::spawn(crate::reload::watch_file(
                     Arc::clone(&self.shared),
                     path,
+                    self.config_digest,
                     self.opts.watch_interval,
                     hup,
                 ));

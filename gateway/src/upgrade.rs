@@ -20,6 +20,7 @@ use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::{Mutex, OnceLock};
 
 use command_fds::{CommandFdExt, FdMapping};
 
@@ -68,11 +69,19 @@ impl Inherited {
     pub fn take(&mut self, name: &str) -> Option<TcpListener> {
         self.by_name.remove(name)
     }
+}
 
-    /// Names of sockets not taken (logged as unused).
-    pub fn leftover(&self) -> impl Iterator<Item = &str> {
-        self.by_name.keys().map(String::as_str)
-    }
+/// The process's inherited sockets, read from the environment once.
+static INHERITED: OnceLock<Mutex<Inherited>> = OnceLock::new();
+
+/// Take the inherited listening socket called `name` (`proxy`, `tls`, `admin`), if this
+/// process was handed one. Start-up only.
+pub fn take_inherited(name: &str) -> Option<TcpListener> {
+    INHERITED
+        .get_or_init(|| Mutex::new(Inherited::from_env()))
+        .lock()
+        .ok()?
+        .take(name)
 }
 
 /// Start `exe` with this process's arguments and `listeners` (name, socket) inherited.

@@ -95,16 +95,6 @@ fn demo_prints_its_built_in_config() {
     );
 }
 
-#[test]
-fn run_with_etcd_says_clearly_that_it_is_not_available() {
-    let out = Command::new(BIN)
-        .args(["run", "--etcd", "http://127.0.0.1:2379"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("etcd"));
-}
-
 /// The README's tour: the demo answers alice from her home cell, every time. Uses the demo's
 /// fixed upstream ports (18101-18106) and a free proxy port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,7 +100,7 @@ async fn five_percent_of_keys_stably_reach_only_the_canary_with_the_tag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_with_five_percent_errors_is_switched_off_by_its_guard() {
     let (_a1, a2, yaml) = canary_cell(
-        "gray:\n  - { name: canary-half, tag: canary, percent: 50, guard: { max_error_delta: 0.02, min_requests: 40 } }\nhealth:\n  outlier: { window: 2s }\n  retry: { statuses: [] }\n",
+        "admin:\n  token: t0ken\ngray:\n  - { name: canary-half, tag: canary, percent: 50, guard: { max_error_delta: 0.02, min_requests: 40 } }\nhealth:\n  outlier: { window: 2s }\n  retry: { statuses: [] }\n",
     );
     let dir = TempDir::new("guard");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
@@ -143,6 +143,33 @@ async fn a_canary_with_five_percent_errors_is_switched_off_by_its_guard() {
     assert!(
         gw.logs_contain("error rate of instances tagged canary"),
         "the event says why"
+    );
+    let admin = gw.admin_addr.expect("admin listener");
+    let mut audited = None;
+    for _ in 0..100 {
+        let a = get(
+            admin,
+            "/admin/audit?limit=20",
+            &[("authorization", "Bearer t0ken")],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        audited = a.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["action"] == "gray_rule_disabled")
+            .cloned();
+        if audited.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let audited = audited.expect("an audit event for the switch-off");
+    let why = audited["plan"]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("canary-half") && why.contains("error rate"),
+        "the audit log says why: {why}"
     );
     assert!(moved);
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at > settled).collect();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const FAST_HEALTH: &str = "health:
+const FAST_HEALTH: &str = "admin: { token: t0ken }
+health:
   probe: { interval: 200ms, timeout: 300ms, rise: 2, fall: 2 }
   failover: { window: 2s, min_requests: 20, min_dwell: 3s, recover_probes: 2 }
 ";
@@ -91,6 +92,31 @@ async fn refusing_instances_fail_over_within_a_second_with_no_failed_request_and
         "returned after {first_home:?}, before the 3 s dwell"
     );
     assert!(gw.logs_contain("cell failed over") && gw.logs_contain("cell returned to service"));
+    // Both switches are audit events with their reason and duration.
+    let a = get(
+        gw.admin_addr.unwrap(),
+        "/admin/audit?limit=50",
+        &[("authorization", "Bearer t0ken")],
+    )
+    .await;
+    let events = a.json()["events"].as_array().unwrap().clone();
+    let find = |action: &str| {
+        events
+            .iter()
+            .find(|e| e["action"] == action && e["target"] == "a")
+            .cloned()
+    };
+    let out = find("failed_over").expect("failover audited");
+    assert!(out["plan"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no instance is available"));
+    assert!(out["duration_ms"].as_f64().unwrap() >= 0.0);
+    let back = find("returned").expect("return audited");
+    assert!(
+        back["plan"]["failed_over_ms"].as_u64().unwrap() >= 3_000,
+        "{back}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +163,7 @@ async fn five_percent_errors_fail_a_cell_over_within_window_plus_three_seconds()
         "all of a's keys moved"
     );
     assert!(
-        gw.logs_contain("error ratio"),
+        gw.wait_log("error ratio", Duration::from_secs(5)).await,
         "the switch names its reason"
     );
 }

@@ -8,8 +8,14 @@ use cellgate_config::{Config, DEMO_YAML};
 
 use crate::server::{Gateway, GatewayError, RunOptions};
 
-/// Run the demo until a signal.
-pub fn run(listen: Option<String>, workers: Option<usize>) -> Result<(), GatewayError> {
+/// Run the demo until a signal. The admin API listens on `admin_listen` (default
+/// `127.0.0.1:9901`) with `admin_token` (default the demo's `demo-token`).
+pub fn run(
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    admin_token: Option<String>,
+    workers: Option<usize>,
+) -> Result<(), GatewayError> {
     let config = Config::from_yaml(DEMO_YAML)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -41,10 +47,13 @@ pub fn run(listen: Option<String>, workers: Option<usize>) -> Result<(), Gateway
     let mut opts = RunOptions::new(config);
     opts.listen = listen;
     opts.workers = workers;
+    opts.admin_listen = admin_listen;
+    opts.admin_token = admin_token;
     let gw = Gateway::start(opts)?;
+    let admin = gw.admin_addr;
     let port = gw.http_addr.port();
     eprintln!(
-        "\ncellgate demo: gateway on http://127.0.0.1:{port}\n  cells: bj-1 and bj-2 (region bj), sh-1 (region sh); upstreams: {}\n\n  curl -i -H 'X-User-ID: alice' localhost:{port}/anything\n  curl -s -X POST localhost:18101/fault -d '{{\"refuse_for_s\": 10}}'   # make bj-1-a refuse connections\n  cellgate route --config examples/demo.yaml --key alice\n",
+        "\ncellgate demo: gateway on http://127.0.0.1:{port}\n  cells: bj-1 and bj-2 (region bj), sh-1 (region sh); upstreams: {}\n\n  curl -i -H 'X-User-ID: alice' localhost:{port}/anything\n  curl -s -X POST localhost:18101/fault -d '{{\"refuse_for_s\": 10}}'   # make bj-1-a refuse connections\n  cellgate route --config examples/demo.yaml --key alice\n  curl -s -H 'Authorization: Bearer demo-token' {admin}/admin/route?key=alice\n  cellgate ctl --admin {admin} --token demo-token drain bj-2 --dry-run\n",
         names.join(", ")
     );
     gw.run_until_signal()

@@ -131,56 +131,55 @@ pub async fn send(
     // HTTP/1.1 upstream, whatever the client spoke: an HTTP/2 request's version would keep
     // hyper from chunking a body of unknown length, and the body would be dropped.
     *req.version_mut() = hyper::Version::HTTP_11;
-    // HTTP/1.1: a pooled sender that is ready; closed ones are dropped, ones still finishing
-    // their previous response stay. A dead one hands the request back.
+    // HTTP/1.1: a pooled sender that is ready (closed ones are dropped, ones still finishing
+    // their previous response stay), else a new connection. A pooled sender found dead hands
+    // the request back and the next one is tried.
     loop {
-        let idle = take_ready(pool, addr);
-        let Some(mut sender) = idle else { break };
+        let (mut sender, fresh) = match take_ready(pool, addr) {
+            Some(s) => (s, false),
+            None => match connect_h1(addr, connect_timeout, tls).await {
+                Ok(s) => (s, true),
+                Err(e) => return Err(AttemptError::Connect(e, req)),
+            },
+        };
         match sender.try_send_request(req).await {
             Ok(res) => {
-                return Ok((
-                    res,
-                    Some(Lease {
-                        pool: Rc::clone(pool),
-                        addr,
-                        sender,
-                    }),
-                ));
+                let lease = Lease {
+                    pool: Rc::clone(pool),
+                    addr,
+                    sender,
+                };
+                return Ok((res, Some(lease)));
             }
             Err(mut e) => match e.take_message() {
-                Some(r) => req = r,
+                Some(r) if !fresh => req = r,
+                Some(r) => {
+                    return Err(AttemptError::Connect(
+                        std::io::Error::other("new connection closed"),
+                        r,
+                    ))
+                }
                 None => return Err(AttemptError::Upstream(e.into_error())),
             },
         }
     }
-    let stream = match connect::open(addr, connect_timeout, tls, false).await {
-        Ok(s) => s,
-        Err(e) => return Err(AttemptError::Connect(e, req)),
-    };
-    let (mut sender, conn) = match http1::Builder::new().handshake(TokioIo::new(stream)).await {
-        Ok(x) => x,
-        Err(e) => return Err(AttemptError::Connect(std::io::Error::other(e), req)),
-    };
+}
+
+/// A new HTTP/1.1 connection to `addr`, its connection task running on this worker.
+async fn connect_h1(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> std::io::Result<http1::SendRequest<ProxyBody>> {
+    let stream = connect::open(addr, timeout, tls, false).await?;
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
     tokio::task::spawn_local(async move {
         let _ = conn.await;
     });
-    match sender.try_send_request(req).await {
-        Ok(res) => Ok((
-            res,
-            Some(Lease {
-                pool: Rc::clone(pool),
-                addr,
-                sender,
-            }),
-        )),
-        Err(mut e) => match e.take_message() {
-            Some(r) => Err(AttemptError::Connect(
-                std::io::Error::other("new connection closed"),
-                r,
-            )),
-            None => Err(AttemptError::Upstream(e.into_error())),
-        },
-    }
+    Ok(sender)
 }
 
 /// A pooled HTTP/1.1 sender of `addr` that is ready for a request, newest first. Closed

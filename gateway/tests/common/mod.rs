@@ -73,6 +73,7 @@ pub struct Gateway {
     pub child: Child,
     pub addr: SocketAddr,
     pub tls_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     pub logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -91,9 +92,15 @@ impl Gateway {
     }
 
     pub fn start_args(args: &[&str]) -> Gateway {
+        // The admin API on a free port unless the test names one (the default 9901 would
+        // collide between tests running in parallel).
+        let mut args: Vec<&str> = args.to_vec();
+        if matches!(args.first(), Some(&"run" | &"demo")) && !args.contains(&"--admin-listen") {
+            args.extend(["--admin-listen", "127.0.0.1:0"]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_cellgate"))
             .args(["--log-format", "json"])
-            .args(args)
+            .args(&args)
             .env("CELLGATE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -119,8 +126,10 @@ impl Gateway {
         });
         let mut addr = None;
         let mut tls_addr = None;
+        let mut admin_addr = None;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while addr.is_none() {
+        // The admin listener is announced last (after proxy and TLS).
+        while addr.is_none() || admin_addr.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((l, a)) => {
@@ -129,6 +138,8 @@ impl Gateway {
                         addr = Some(a);
                     } else if l == "tls" {
                         tls_addr = Some(a);
+                    } else if l == "admin" {
+                        admin_addr = Some(a);
                     }
                 }
                 Err(_) => {
@@ -140,16 +151,11 @@ impl Gateway {
                 }
             }
         }
-        // The TLS line follows the proxy line.
-        if let Ok((l, a)) = rx.recv_timeout(Duration::from_millis(300)) {
-            if l == "tls" {
-                tls_addr = a.parse().ok();
-            }
-        }
         Gateway {
             child,
             addr: addr.unwrap(),
             tls_addr,
+            admin_addr,
             logs,
         }
     }
@@ -191,6 +197,8 @@ impl Drop for Gateway {
         let _ = self.child.wait();
     }
 }
+
+pub mod etcd;
 
 /// A response, fully read.
 #[derive(Debug)]

@@ -1,0 +1,125 @@
+//! Documents written straight into etcd that would make a bad table — bad JSON, an unknown
+//! failover target, a slot table with holes or unknown cells — are rejected: the previous
+//! table keeps serving, and `/admin/table` shows the reason until a valid change arrives.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::etcd::*;
+use common::*;
+
+async fn wait_rejected(admin: SocketAddr, needle: &str) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = admin_get(admin, "/admin/table").await;
+        if t["rejected"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains(needle))
+        {
+            return t;
+        }
+        assert!(
+            Instant::now() < end,
+            "no rejection mentioning {needle:?}: {}",
+            t["rejected"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_accepted(admin: SocketAddr, v: u64) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = admin_get(admin, "/admin/table").await;
+        if t["version"].as_u64() == Some(v) && t["rejected"].is_null() {
+            return;
+        }
+        assert!(Instant::now() < end, "version {v} never accepted: {t}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_documents_are_rejected_and_the_old_table_keeps_serving() {
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs");
+    let yaml = cells.yaml();
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "docs-0");
+    let adm = gw.admin_addr.unwrap();
+    let store = etcd.store().await;
+    let t = table_of(&yaml);
+    let b_key = (0..10_000)
+        .map(|i| format!("u{i}"))
+        .find(|k| t.explain(k, 1).unwrap().home_cell == "b")
+        .unwrap();
+    let (good_b, _) = store.raw_get("cells/b").await.unwrap().unwrap();
+    let (good_c, _) = store.raw_get("cells/c").await.unwrap().unwrap();
+    let (good_slots, _) = store.raw_get("slots").await.unwrap().unwrap();
+
+    let mut serving = version(adm).await;
+    let bad_docs: [(&str, Vec<u8>, &str); 4] = [
+        ("cells/b", b"{\"id\": \"b\", \"region\": ".to_vec(), "cells/b: not a cell document"),
+        (
+            "cells/c",
+            String::from_utf8(good_c.clone())
+                .unwrap()
+                .replace("\"failover\":[\"a\"]", "\"failover\":[\"zz\"]")
+                .into_bytes(),
+            "cells/c: failover[0]: unknown cell \"zz\"",
+        ),
+        (
+            "slots",
+            br#"{"version": 9, "slot_count": 16384, "assign": [{"cell": "a", "ranges": ["0-9999"]}]}"#.to_vec(),
+            "slots: 6384 of 16384 slots have no cell",
+        ),
+        (
+            "slots",
+            br#"{"version": 9, "slot_count": 16384, "assign": [{"cell": "ghost", "ranges": ["0-16383"]}]}"#.to_vec(),
+            "unknown cell \"ghost\"",
+        ),
+    ];
+    for (key, value, reason) in bad_docs {
+        let rev = store.raw_put(key, value).await.unwrap();
+        let t = wait_rejected(adm, reason).await;
+        assert_eq!(
+            t["version"].as_u64(),
+            Some(serving),
+            "{key}: the old table serves"
+        );
+        assert_eq!(t["rejected"]["version"].as_i64(), Some(rev));
+        assert!(
+            gw.wait_log("configuration in etcd rejected", Duration::from_secs(5))
+                .await
+        );
+        // Traffic still flows by the old table.
+        let r = get(gw.addr, "/", &[("x-user-id", &b_key)]).await;
+        assert_eq!((r.status.as_u16(), r.header("x-cell-id")), (200, Some("b")));
+        assert_eq!(r.echoed("x-routing-version"), Some(serving.to_string()));
+        // Put the good document back: accepted at its revision, the rejection clears.
+        let good = match key {
+            "cells/b" => good_b.clone(),
+            "cells/c" => good_c.clone(),
+            _ => good_slots.clone(),
+        };
+        let fixed = store.raw_put(key, good).await.unwrap() as u64;
+        wait_accepted(adm, fixed).await;
+        serving = fixed;
+    }
+    // A valid change written straight into etcd is applied like any other.
+    let drained = String::from_utf8(good_b)
+        .unwrap()
+        .replace("\"state\":\"active\"", "\"state\":\"draining\"");
+    let rev = store.raw_put("cells/b", drained).await.unwrap() as u64;
+    wait_accepted(adm, rev).await;
+    let r = get(gw.addr, "/", &[("x-user-id", &b_key)]).await;
+    assert_eq!(
+        r.header("x-cell-id"),
+        Some("a"),
+        "b drained → its first failover target"
+    );
+}
