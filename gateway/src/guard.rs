@@ -205,6 +205,7 @@ impl Future for GuardFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let refused = matches!(this.state, State::Ready(_));
         let mut res = match &mut this.state {
             State::Ready(r) => match r.take() {
                 Some(r) => r,
@@ -215,14 +216,10 @@ impl Future for GuardFuture {
                 Err(never) => match never {},
             },
         };
-        // A request whose body was refused or unreadable may have left bytes unread:
-        // HTTP/1 cannot tell where the next request starts, so the connection closes.
-        if this.h1
-            && matches!(
-                res.status(),
-                StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE
-            )
-        {
+        // A request refused for its framing, or whose body was refused, may have left bytes
+        // unread: HTTP/1 cannot tell where the next request starts, so the connection
+        // closes. (Other answers keep the connection; hyper drains or closes as needed.)
+        if this.h1 && (refused || res.status() == StatusCode::PAYLOAD_TOO_LARGE) {
             res.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
