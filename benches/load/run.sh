@@ -622,7 +622,7 @@ cpu_share() {
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
   printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
-  printf 'cellgate\t%s (%s)%s\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+  printf 'cellgate\t%s (%s)%s\n' "${BIN#"$ROOT"/}" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
     "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
