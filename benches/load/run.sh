@@ -14,13 +14,14 @@
 # proxy process(es) from /proc/<pid>/stat over the run / requests completed).
 # Targets alternate (A B C D A B C D ...).  Then an HTTP/2 (h2c) run with
 # h2load and a fixed-rate run (wrk paced by benches/load/paced.lua) at about
-# half the best peer's capacity, for the p99 each proxy adds over direct.  Prints a markdown table and writes it to
-# bench-results/load-<timestamp>.md (raw outputs in bench-results/load-<timestamp>/).
+# half the best peer's capacity, for the p99 each proxy adds over direct.
+# Prints a markdown table and writes it to bench-results/load-<timestamp>.md
+# (raw outputs in bench-results/load-<timestamp>/).  See BENCHMARKS.md.
 #
 # Environment knobs (defaults in brackets):
 #   DURATION=10s        length of each measured wrk / h2load / fixed-rate run
 #   ROUNDS=2            times each target is run (alternating), per phase
-#   CONNECTIONS=50      wrk and fixed-rate client connections
+#   CONNECTIONS=50      wrk connections of the closed-loop HTTP/1.1 runs
 #   WARMUP=2s           unrecorded wrk run per target before the first round (0 = none)
 #   TARGETS="direct nginx haproxy cellgate"   subset / order of targets
 #   H2=1                run the HTTP/2 phase (0 = skip)
@@ -37,7 +38,8 @@
 #   CARGO_TARGET_DIR    honoured for the build and for finding the binary (default: target/)
 #   INSTALL=1           apt-get install missing nginx/haproxy/wrk/h2load/curl/python3 (0 = fail instead)
 #   QUIET_WAIT=15       before each run, wait up to this many seconds for other processes on the
-#                       machine (builds...) to use <= QUIET_MAX % (default 10) of one core; 0 = don't
+#                       machine (builds...) to use <= QUIET_MAX % (default 10) of one core; 0 = don't;
+#                       all waits together stop after 8 × QUIET_WAIT
 #   NICE=               e.g. -10: run the whole benchmark (client, proxies, upstreams) at this
 #                       niceness, so that builds running beside it disturb it less (needs root)
 #   OUT_DIR=bench-results   where the report goes (relative to the repository root)
@@ -216,14 +218,21 @@ client_ticks() {
 }
 
 # wait (at most QUIET_WAIT s) until the machine is quiet: other processes
-# (builds, ...) using less than QUIET_MAX % of one core over a 1 s sample
+# (builds, ...) using less than QUIET_MAX % of one core over a 1 s sample.
+# All the waits together are capped at 8 × QUIET_WAIT.
+QUIET_SPENT=0
 wait_quiet() {
   local i b0 b1 pct=0
   ((QUIET_WAIT > 0)) || return 0
   for ((i = 0; i < QUIET_WAIT; i++)); do
+    if ((QUIET_SPENT >= 8 * QUIET_WAIT)); then
+      ((QUIET_SPENT++ == 8 * QUIET_WAIT)) && log "note: waited ${QUIET_SPENT}s in all for a quiet machine; not waiting any more"
+      return 0
+    fi
     b0=$(busy_ticks); sleep 1; b1=$(busy_ticks)
     pct=$(((b1 - b0) * 100 / HZ))
     ((pct <= QUIET_MAX)) && return 0
+    QUIET_SPENT=$((QUIET_SPENT + 1))
   done
   log "note: other processes still use ${pct}% of a core after waiting ${QUIET_WAIT}s; measuring anyway"
 }
@@ -446,7 +455,7 @@ cells:
 EOF
     "$BIN" validate --config "$d/cellgate.yaml" >"$d/validate.log" 2>&1 \
       || { cat "$d/validate.log" >&2; die "cellgate rejects the generated config"; }
-    "$BIN" run --config "$d/cellgate.yaml" --listen "127.0.0.1:$CG" --workers 1 >"$d/stdout.log" 2>"$d/stderr.log" &
+    NO_COLOR=1 "$BIN" run --config "$d/cellgate.yaml" --listen "127.0.0.1:$CG" --workers 1 >"$d/stdout.log" 2>"$d/stderr.log" &
     local pid=$!
     PIDS+=("$pid")
     wait_port "$CG" cellgate "$pid"
@@ -593,8 +602,9 @@ h2_skip=
 CG_LOG_NOTE=
 if [[ -f $WORK/cellgate/stderr.log ]]; then
   cp "$WORK/cellgate/stderr.log" "$RAW/cellgate-stderr.log"
-  n_warn=$(grep -c -E 'WARN|ERROR' "$RAW/cellgate-stderr.log" || true)
-  CG_LOG_NOTE="$n_warn WARN/ERROR lines in its stderr (${RAW#"$ROOT"/}/cellgate-stderr.log)"
+  # the smoke test's keyless request is expected to be refused (and logged)
+  n_warn=$(grep -E 'WARN|ERROR' "$RAW/cellgate-stderr.log" | grep -c -v 'no routing key' || true)
+  CG_LOG_NOTE="$n_warn WARN/ERROR lines in its stderr besides the smoke test's keyless request (${RAW#"$ROOT"/}/cellgate-stderr.log)"
 fi
 read -r -a CPUSTAT1 < /proc/stat
 # busy and steal share of all CPU time during the measurements (/proc/stat "cpu" line)
@@ -612,7 +622,7 @@ cpu_share() {
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
   printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
-  printf 'cellgate\t%s (%s)%s\n' "$BIN" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+  printf 'cellgate\t%s (%s)%s\n' "${BIN#"$ROOT"/}" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
     "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
