@@ -200,7 +200,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     let in_flight =
         tokio::spawn(async move { c.try_get("/slow", &[("x-user-id", "alice")]).await });
     // The request is on its way to the slow upstream before the signal.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&gw, 1).await;
     let t = Instant::now();
     signal(gw.child.id(), Signal::SIGTERM);
     assert!(
@@ -267,7 +267,7 @@ async fn sigterm_exits_at_the_end_of_the_grace_period_and_sigint_at_once() {
         let mut c = H1::connect(gw.addr).await;
         let in_flight =
             tokio::spawn(async move { c.try_get("/slow", &[("x-user-id", "alice")]).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_in_flight(&gw, 1).await;
         let t = Instant::now();
         signal(gw.child.id(), sig);
         let (_, exited) = wait_exit(&mut gw, Duration::from_secs(5)).expect("did not exit");
@@ -290,4 +290,19 @@ async fn sigterm_exits_at_the_end_of_the_grace_period_and_sigint_at_once() {
             "cut-off request reported success"
         );
     }
+}
+
+/// Wait (bounded) until the gateway reports `n` requests in flight (`cellgate_in_flight`).
+async fn wait_in_flight(gw: &Gateway, n: u64) {
+    let admin = gw.admin_addr.expect("admin listener");
+    let want = format!("cellgate_in_flight {n}");
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        let m = get(admin, "/metrics", &[]).await;
+        if String::from_utf8_lossy(&m.body).lines().any(|l| l == want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the gateway never had {n} request(s) in flight");
 }
