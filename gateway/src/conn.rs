@@ -14,6 +14,13 @@
 //!   closes (`Connection: close`); an idle one is given [`DRAIN_LINGER`] for a request
 //!   already on its way, then closed; HTTP/2 gets GOAWAY and its open streams finish.
 //!
+//! An idle HTTP/1 connection is **parked** after [`PARK_AFTER`] without traffic: hyper's
+//! connection state (an 8 KiB write buffer and an 8–16 KiB read buffer) is dropped and only
+//! the socket, its timers and a 24-byte buffer remain; the next bytes from the client start
+//! a fresh hyper connection that reads them first. Like nginx's keep-alive handling, this
+//! keeps memory per idle client connection at a few KiB, so tens of thousands of idle
+//! keep-alive clients fit in tens of MiB. Busy connections are never parked.
+//!
 //! An HTTP/1 connection that hyper is done with is closed gently: FIN after the answer,
 //! then what the client still sends is read and dropped for up to two seconds (1 MiB), so
 //! an early answer (a refused body, a 503) is not destroyed by a TCP reset.
@@ -41,6 +48,10 @@ use crate::server::LocalExec;
 /// How long an idle HTTP/1 connection is kept once the server drains, so a request the
 /// client already sent is answered (with `Connection: close`) instead of cut off.
 pub const DRAIN_LINGER: Duration = Duration::from_millis(1000);
+
+/// How long an HTTP/1 connection must be idle (no request in flight, nothing received)
+/// before its hyper state is dropped until the client sends again.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// How often a draining connection looks whether a request arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -82,6 +93,9 @@ pub struct Activity {
     /// HTTP/1: time and scan request heads.
     track_head: Cell<bool>,
     scan: Cell<HeadScan>,
+    /// A request has started since the current hyper connection was made (only then is
+    /// hyper's state idle between requests, which parking needs).
+    served: Cell<bool>,
 }
 
 /// A byte-level look at each HTTP/1 request head as it arrives, for what hyper's parser
@@ -241,6 +255,7 @@ impl Activity {
             head_since: Cell::new(Some(now)),
             track_head: Cell::new(true),
             scan: Cell::new(HeadScan::default()),
+            served: Cell::new(false),
         })
     }
 
@@ -249,6 +264,7 @@ impl Activity {
     pub fn request_started(&self) -> HeadScan {
         self.in_flight.set(self.in_flight.get().saturating_add(1));
         self.head_since.set(None);
+        self.served.set(true);
         self.scan.replace(HeadScan::default())
     }
 
@@ -274,6 +290,16 @@ impl Activity {
             scan.feed(bytes);
             self.scan.set(scan);
         }
+    }
+
+    /// Whether an HTTP/1 connection can be parked now: it has answered a request, has none
+    /// in flight, has received no part of a next one and has been quiet for [`PARK_AFTER`].
+    fn parkable(&self, now: Instant) -> bool {
+        self.track_head.get()
+            && self.served.get()
+            && self.in_flight.get() == 0
+            && self.head_since.get().is_none()
+            && now >= self.last_active.get() + PARK_AFTER
     }
 
     /// When the watchdog must look next, and what expired if it is already past.
@@ -312,6 +338,8 @@ enum Expired {
 #[derive(Debug)]
 pub struct ConnIo<S> {
     inner: S,
+    /// Bytes hyper had read but not used when its connection was parked; replayed first.
+    replay: bytes::Bytes,
     prefix: [u8; 24],
     pos: u8,
     len: u8,
@@ -322,11 +350,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
     fn new(inner: S, act: Rc<Activity>) -> Self {
         Self {
             inner,
+            replay: bytes::Bytes::new(),
             prefix: [0; 24],
             pos: 0,
             len: 0,
             act,
         }
+    }
+
+    /// Wait (with no buffer but the 24-byte prefix) until the client sends again; the bytes
+    /// are replayed to the next reader. `Ok(false)` when the client closed.
+    async fn wait_for_bytes(&mut self) -> io::Result<bool> {
+        debug_assert!(self.pos >= self.len && self.replay.is_empty());
+        let n = self.inner.read(&mut self.prefix).await?;
+        self.pos = 0;
+        self.len = n as u8;
+        if n > 0 {
+            self.act.bytes_read(&self.prefix[..n]);
+        }
+        Ok(n > 0)
     }
 
     /// Read until the bytes are (or cannot be) the HTTP/2 preface; `true` for HTTP/2.
@@ -355,6 +397,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         if this.pos < this.len {
             let rest = &this.prefix[usize::from(this.pos)..usize::from(this.len)];
             let n = rest.len().min(buf.remaining());
@@ -456,9 +503,10 @@ pub async fn serve<S>(
             .max_pending_accept_reset_streams(lim.h2_max_pending_accept_reset_streams)
             .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
             .keep_alive_interval(None);
-        let conn = b.serve_connection(TokioIo::new(io), guard);
-        let mut conn = std::pin::pin!(conn);
-        drive(&mut conn, &act, settings, &mut drain, true).await;
+        // Boxed: an HTTP/2 connection's state is large, and HTTP/1 connections (most of
+        // them, idle for long stretches) should not carry its size in their task.
+        let mut conn = Box::pin(b.serve_connection(TokioIo::new(io), guard));
+        let _ = drive(&mut conn.as_mut(), &act, settings, &mut drain, true).await;
     } else {
         let mut b = http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -471,13 +519,79 @@ pub async fn serve<S>(
             // hyper's default is 100 on the stack; any other value is allocated per request.
             b.max_headers(lim.max_headers);
         }
-        let mut conn = b.serve_connection(TokioIo::new(io), guard);
-        if drive(&mut conn, &act, settings, &mut drain, false).await {
-            // hyper is done with it (answered and closing, or the client left): close it
-            // gently instead of letting unread request bytes reset the answer away.
-            linger(conn.into_parts().io.into_inner()).await;
+        let (mut io, mut guard) = (io, guard);
+        loop {
+            act.served.set(false);
+            // Boxed, so a parked connection's task does not keep room for hyper's state.
+            let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
+            match drive(&mut *conn, &act, settings, &mut drain, false).await {
+                Ended::Done => {
+                    // hyper is done with it (answered and closing, or the client left):
+                    // close it gently instead of letting unread request bytes reset the
+                    // answer away.
+                    linger(conn.into_parts().io.into_inner()).await;
+                    return;
+                }
+                Ended::Cut => return,
+                Ended::Parked => {
+                    let parts = conn.into_parts();
+                    (io, guard) = (parts.io.into_inner(), parts.service);
+                    if !parts.read_buf.is_empty() {
+                        // Bytes of a next request slipped in: serve them at once.
+                        io.replay = parts.read_buf;
+                        continue;
+                    }
+                    // Even empty, it holds hyper's read buffer: let it go before waiting.
+                    drop(parts.read_buf);
+                    tracing::trace!("idle connection parked");
+                    if !park(&mut io, &act, settings, &mut drain).await {
+                        linger(io).await;
+                        return;
+                    }
+                }
+            }
         }
     }
+}
+
+/// A parked HTTP/1 connection waits for the client's next bytes with no hyper state:
+/// `true` when bytes arrived (serve them), `false` when it must close (idle timeout, the
+/// client closed, or the server drains and nothing came within [`DRAIN_LINGER`]).
+async fn park<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut ConnIo<S>,
+    act: &Activity,
+    s: &ConnSettings,
+    drain: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut deadline = act.last_active.get() + s.idle;
+    let mut draining = *drain.borrow();
+    if draining {
+        deadline = deadline.min(Instant::now() + DRAIN_LINGER);
+    }
+    loop {
+        tokio::select! {
+            r = io.wait_for_bytes() => return matches!(r, Ok(true)),
+            _ = tokio::time::sleep_until(deadline) => return false,
+            changed = drain.changed(), if !draining => {
+                if changed.is_err() || *drain.borrow() {
+                    draining = true;
+                    deadline = deadline.min(Instant::now() + DRAIN_LINGER);
+                }
+            }
+        }
+    }
+}
+
+/// How [`drive`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The connection finished by itself (the stream may linger).
+    Done,
+    /// The watchdog cut it off (header read timeout).
+    Cut,
+    /// HTTP/1 only: idle for [`PARK_AFTER`]; hyper closed its side cleanly so the stream can
+    /// wait without hyper's buffers.
+    Parked,
 }
 
 /// Longest a closing HTTP/1 connection keeps reading what the client still sends.
@@ -494,7 +608,8 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
     if tokio::io::AsyncWriteExt::shutdown(&mut io).await.is_err() {
         return;
     }
-    let mut buf = [0u8; 4096];
+    // On the heap: a buffer in the future would be carried by every connection's task.
+    let mut buf = vec![0u8; 4096];
     let mut left = LINGER_BYTES;
     let _ = tokio::time::timeout(LINGER_TIME, async {
         while left > 0 {
@@ -538,16 +653,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Served
     }
 }
 
-/// Poll the connection with its watchdog until it ends: `true` when it finished by itself
-/// (the stream may linger), `false` when the watchdog cut it off.
+/// Poll the connection with its watchdog until it ends.
 async fn drive<C: Served>(
     conn: &mut C,
     act: &Activity,
     s: &ConnSettings,
     drain: &mut watch::Receiver<bool>,
     h2: bool,
-) -> bool {
+) -> Ended {
     let mut closing = false;
+    let mut parking = false;
     let mut drain_since: Option<Instant> = None;
     if *drain.borrow() {
         drain_since = Some(Instant::now());
@@ -557,16 +672,27 @@ async fn drive<C: Served>(
         let next = match drain_since {
             Some(_) if !closing => now + DRAIN_POLL,
             _ => match act.check(now, s) {
+                // HTTP/1 also wakes when it may be parked: PARK_AFTER past its last
+                // activity when idle, else at least every PARK_AFTER to look again.
+                Ok(t) if !h2 => {
+                    let idle = act.served.get()
+                        && act.in_flight() == 0
+                        && act.head_since.get().is_none();
+                    let base = if idle { act.last_active.get() } else { now };
+                    t.min(base + PARK_AFTER)
+                }
                 Ok(t) => t,
                 Err(_) => now,
             },
         };
         tokio::select! {
             r = std::future::poll_fn(|cx| conn.poll_served(cx)) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "client connection ended with an error");
+                match r {
+                    Ok(()) if parking => return Ended::Parked,
+                    Ok(()) => {}
+                    Err(e) => tracing::debug!(error = %e, "client connection ended with an error"),
                 }
-                return true;
+                return Ended::Done;
             }
             changed = drain.changed(), if drain_since.is_none() => {
                 if changed.is_err() || *drain.borrow() {
@@ -585,11 +711,18 @@ async fn drive<C: Served>(
                 match act.check(now, s) {
                     Err(Expired::HeaderRead) => {
                         tracing::debug!("request head not received within the header read timeout; connection closed");
-                        return false;
+                        return Ended::Cut;
                     }
                     Err(Expired::Idle) => {
                         conn.begin_close();
                         closing = true;
+                    }
+                    // hyper is between requests: closing it now writes nothing and
+                    // hands back the stream and any unread bytes.
+                    Ok(_) if !h2 && act.parkable(now) => {
+                        conn.begin_close();
+                        closing = true;
+                        parking = true;
                     }
                     Ok(_) => {}
                 }

@@ -276,7 +276,16 @@ pub struct RunOptions {
     pub gateway_id: Option<String>,
     /// Override of `admin.state_dir`.
     pub state_dir: Option<PathBuf>,
+    /// Hands memory the allocator holds but no longer uses back to the OS, for the calling
+    /// thread. The binary sets it for its global allocator; each worker calls it every
+    /// [`MEMORY_RELEASE_EVERY`], so memory freed by closed or parked connections does not
+    /// stay resident while a worker is quiet (an allocator that only purges when it is
+    /// called would otherwise keep it).
+    pub release_memory: Option<fn()>,
 }
+
+/// How often each worker calls [`RunOptions::release_memory`].
+pub const MEMORY_RELEASE_EVERY: Duration = Duration::from_secs(2);
 
 impl RunOptions {
     /// Options for `config` with defaults.
@@ -294,6 +303,7 @@ impl RunOptions {
             etcd_prefix: None,
             gateway_id: None,
             state_dir: None,
+            release_memory: None,
         }
     }
 }
@@ -509,6 +519,7 @@ impl Gateway {
                 shared: Arc::clone(&shared),
                 settings: settings.clone(),
                 lifecycle: Arc::clone(&lifecycle),
+                release_memory: opts.release_memory,
             };
             let http = http.try_clone().map_err(GatewayError::Runtime)?;
             let tls = match &tls {
@@ -687,6 +698,7 @@ struct WorkerCtx {
     shared: Arc<Shared>,
     settings: ConnSettings,
     lifecycle: Arc<Lifecycle>,
+    release_memory: Option<fn()>,
 }
 
 async fn worker_main(
@@ -695,6 +707,16 @@ async fn worker_main(
     tls: Option<(std::net::TcpListener, TlsAcceptor)>,
 ) {
     let worker = Worker::new(Arc::clone(&ctx.shared));
+    if let Some(release) = ctx.release_memory {
+        tokio::task::spawn_local(async move {
+            let mut tick = tokio::time::interval(MEMORY_RELEASE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                release();
+            }
+        });
+    }
     let ctx = Rc::new(ctx);
     if let Some((l, acceptor)) = tls {
         match TcpListener::from_std(l) {
@@ -757,19 +779,21 @@ async fn accept_loop(
         let ctx = Rc::clone(&ctx);
         let tls = tls.clone();
         let drain = drain.clone();
-        tokio::task::spawn_local(async move {
-            let _permit = permit;
-            let settings = &ctx.settings;
-            let make = |is_tls: bool| {
-                let proxy = Proxy::new(worker, ConnInfo::new(peer, is_tls));
-                let limits = settings.request;
-                move |act, h1| Guard::new(proxy, limits, act, h1)
-            };
-            match tls {
-                None => {
-                    crate::conn::serve(stream, Alpn::None, now, make(false), settings, drain).await
-                }
-                Some(acceptor) => {
+        // Plaintext and TLS connections are separate tasks, so a plaintext connection's
+        // task holds no TLS handshake state (memory per idle connection).
+        match tls {
+            None => {
+                tokio::task::spawn_local(async move {
+                    let _permit = permit;
+                    let settings = &ctx.settings;
+                    let guard = make_guard(worker, peer, false, settings);
+                    crate::conn::serve(stream, Alpn::None, now, guard, settings, drain).await
+                });
+            }
+            Some(acceptor) => {
+                tokio::task::spawn_local(async move {
+                    let _permit = permit;
+                    let settings = &ctx.settings;
                     let left = settings.header_read;
                     match tokio::time::timeout(left, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
@@ -778,17 +802,31 @@ async fn accept_loop(
                                 Some(b"http/1.1") => Alpn::Http1,
                                 _ => Alpn::None,
                             };
-                            crate::conn::serve(s, alpn, now, make(true), settings, drain).await
+                            let guard = make_guard(worker, peer, true, settings);
+                            Box::pin(crate::conn::serve(s, alpn, now, guard, settings, drain))
+                                .await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
                         }
                         Err(_) => tracing::debug!(client = %peer, "TLS handshake timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
+}
+
+/// The request guard maker for one accepted connection.
+fn make_guard(
+    worker: Rc<Worker>,
+    peer: SocketAddr,
+    is_tls: bool,
+    settings: &crate::conn::ConnSettings,
+) -> impl FnOnce(Rc<crate::conn::Activity>, bool) -> Guard {
+    let proxy = Proxy::new(worker, ConnInfo::new(peer, is_tls));
+    let limits = settings.request;
+    move |act, h1| Guard::new(proxy, limits, act, h1)
 }
 
 /// Past `limits.max_connections`: a plaintext client gets a `503` JSON answer, then the

@@ -15,6 +15,7 @@ pub fn run(
     admin_listen: Option<String>,
     admin_token: Option<String>,
     workers: Option<usize>,
+    release_memory: Option<fn()>,
 ) -> Result<(), GatewayError> {
     let config = Config::from_yaml(DEMO_YAML)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -49,6 +50,7 @@ pub fn run(
     opts.workers = workers;
     opts.admin_listen = admin_listen;
     opts.admin_token = admin_token;
+    opts.release_memory = release_memory;
     let gw = Gateway::start(opts)?;
     let admin = gw.admin_addr;
     let port = gw.http_addr.port();

@@ -21,8 +21,11 @@ use super::connect;
 use crate::server::LocalExec;
 use crate::tls::UpstreamTls;
 
-/// Idle HTTP/1.1 connections kept per upstream address.
-const MAX_IDLE_PER_ADDR: usize = 512;
+/// Idle HTTP/1.1 connections kept per upstream address by one worker (like nginx's
+/// `keepalive 64`): enough for the concurrency one worker sustains to one instance; each
+/// idle connection holds hyper's buffers (~24 KiB), so a burst's surplus is closed when it
+/// is given back instead of staying resident.
+const MAX_IDLE_PER_ADDR: usize = 64;
 
 /// Why one attempt failed.
 #[derive(Debug)]
