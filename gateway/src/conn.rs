@@ -464,7 +464,7 @@ pub async fn serve<S>(
     accepted: Instant,
     make_guard: impl FnOnce(Rc<Activity>, bool) -> Guard,
     settings: &ConnSettings,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -488,66 +488,98 @@ pub async fn serve<S>(
             }
         }
     };
-    let lim = &settings.limits;
     let guard = make_guard(Rc::clone(&act), !h2);
     if h2 {
-        // HTTP/2 keeps its own framing state; only the idle timer applies.
-        act.track_head.set(false);
-        act.head_since.set(None);
-        let mut b = http2::Builder::new(LocalExec);
-        b.timer(TokioTimer::new())
-            .max_concurrent_streams(lim.h2_max_concurrent_streams)
-            .initial_stream_window_size(lim.h2_stream_window)
-            .initial_connection_window_size(lim.h2_connection_window)
-            .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX))
-            .max_pending_accept_reset_streams(lim.h2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
-            .keep_alive_interval(None);
         // Boxed: an HTTP/2 connection's state is large, and HTTP/1 connections (most of
         // them, idle for long stretches) should not carry its size in their task.
-        let mut conn = Box::pin(b.serve_connection(TokioIo::new(io), guard));
-        let _ = drive(&mut conn.as_mut(), &act, settings, &mut drain, true).await;
+        Box::pin(serve_h2(io, act, guard, settings, drain)).await;
     } else {
-        let mut b = http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .keep_alive(true)
-            // The watchdog times the head from its first byte; hyper's own timer would also
-            // run while a kept-alive connection waits, merging it with the idle timeout.
-            .header_read_timeout(None)
-            .max_header_size(lim.max_header_bytes);
-        if lim.max_headers != 100 {
-            // hyper's default is 100 on the stack; any other value is allocated per request.
-            b.max_headers(lim.max_headers);
-        }
-        let (mut io, mut guard) = (io, guard);
-        loop {
-            act.served.set(false);
-            // Boxed, so a parked connection's task does not keep room for hyper's state.
-            let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
-            match drive(&mut *conn, &act, settings, &mut drain, false).await {
-                Ended::Done => {
-                    // hyper is done with it (answered and closing, or the client left):
-                    // close it gently instead of letting unread request bytes reset the
-                    // answer away.
-                    linger(conn.into_parts().io.into_inner()).await;
-                    return;
+        serve_h1(io, act, guard, settings, drain).await;
+    }
+}
+
+/// HTTP/2 on one connection: hyper's connection under the idle and drain watchdog.
+async fn serve_h2<S>(
+    io: ConnIo<S>,
+    act: Rc<Activity>,
+    guard: Guard,
+    settings: &ConnSettings,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let lim = &settings.limits;
+    // HTTP/2 keeps its own framing state; only the idle timer applies.
+    act.track_head.set(false);
+    act.head_since.set(None);
+    let mut b = http2::Builder::new(LocalExec);
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(lim.h2_max_concurrent_streams)
+        .initial_stream_window_size(lim.h2_stream_window)
+        .initial_connection_window_size(lim.h2_connection_window)
+        .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(lim.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
+        .keep_alive_interval(None);
+    let conn = b.serve_connection(TokioIo::new(io), guard);
+    let mut conn = std::pin::pin!(conn);
+    let _ = drive(&mut conn, &act, settings, &mut drain, true).await;
+}
+
+/// HTTP/1.1 on one connection: hyper's connection under the watchdog, parked while idle.
+async fn serve_h1<S>(
+    io: ConnIo<S>,
+    act: Rc<Activity>,
+    guard: Guard,
+    settings: &ConnSettings,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let lim = &settings.limits;
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .keep_alive(true)
+        // The watchdog times the head from its first byte; hyper's own timer would also
+        // run while a kept-alive connection waits, merging it with the idle timeout.
+        .header_read_timeout(None)
+        .max_header_size(lim.max_header_bytes);
+    if lim.max_headers != 100 {
+        // hyper's default is 100 on the stack; any other value is allocated per request.
+        b.max_headers(lim.max_headers);
+    }
+    let (mut io, mut guard) = (io, guard);
+    loop {
+        act.served.set(false);
+        // Boxed, so a parked connection's task does not keep room for hyper's state.
+        let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
+        // The watchdog and the parked wait are boxed too: only one of them exists at a
+        // time, and the task keeps room for neither.
+        // (A statement of its own, so the box is freed before the match parks.)
+        let ended = Box::pin(drive(&mut *conn, &act, settings, &mut drain, false)).await;
+        match ended {
+            Ended::Done => {
+                // hyper is done with it (answered and closing, or the client left): close
+                // it gently instead of letting unread request bytes reset the answer away.
+                let io = conn.into_parts().io.into_inner();
+                Box::pin(linger(io)).await;
+                return;
+            }
+            Ended::Cut => return,
+            Ended::Parked => {
+                let parts = conn.into_parts();
+                (io, guard) = (parts.io.into_inner(), parts.service);
+                if !parts.read_buf.is_empty() {
+                    // Bytes of a next request slipped in: serve them at once.
+                    io.replay = parts.read_buf;
+                    continue;
                 }
-                Ended::Cut => return,
-                Ended::Parked => {
-                    let parts = conn.into_parts();
-                    (io, guard) = (parts.io.into_inner(), parts.service);
-                    if !parts.read_buf.is_empty() {
-                        // Bytes of a next request slipped in: serve them at once.
-                        io.replay = parts.read_buf;
-                        continue;
-                    }
-                    // Even empty, it holds hyper's read buffer: let it go before waiting.
-                    drop(parts.read_buf);
-                    tracing::trace!("idle connection parked");
-                    if !park(&mut io, &act, settings, &mut drain).await {
-                        linger(io).await;
-                        return;
-                    }
+                // Even empty, it holds hyper's read buffer: let it go before waiting.
+                drop(parts.read_buf);
+                tracing::trace!("idle connection parked");
+                if !Box::pin(park(&mut io, &act, settings, &mut drain)).await {
+                    Box::pin(linger(io)).await;
+                    return;
                 }
             }
         }
@@ -675,9 +707,8 @@ async fn drive<C: Served>(
                 // HTTP/1 also wakes when it may be parked: PARK_AFTER past its last
                 // activity when idle, else at least every PARK_AFTER to look again.
                 Ok(t) if !h2 => {
-                    let idle = act.served.get()
-                        && act.in_flight() == 0
-                        && act.head_since.get().is_none();
+                    let idle =
+                        act.served.get() && act.in_flight() == 0 && act.head_since.get().is_none();
                     let base = if idle { act.last_active.get() } else { now };
                     t.min(base + PARK_AFTER)
                 }

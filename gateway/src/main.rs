@@ -259,7 +259,14 @@ fn run(command: Command) -> Result<(), ExitCode> {
                 print!("{DEMO_YAML}");
                 return Ok(());
             }
-            demo::run(listen, admin_listen, admin_token, workers, Some(release_memory)).map_err(|e| {
+            demo::run(
+                listen,
+                admin_listen,
+                admin_token,
+                workers,
+                Some(release_memory),
+            )
+            .map_err(|e| {
                 eprintln!("cellgate demo: {e}");
                 ExitCode::from(1)
             })

@@ -803,8 +803,7 @@ async fn accept_loop(
                                 _ => Alpn::None,
                             };
                             let guard = make_guard(worker, peer, true, settings);
-                            Box::pin(crate::conn::serve(s, alpn, now, guard, settings, drain))
-                                .await
+                            Box::pin(crate::conn::serve(s, alpn, now, guard, settings, drain)).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(client = %peer, error = %e, "TLS handshake failed")

@@ -341,6 +341,60 @@ async fn slow_loris_is_cut_off_and_idle_keep_alive_is_separate() {
     still_serves(addr).await;
 }
 
+/// An idle HTTP/1 connection is parked after 1 s without hyper's buffers; what the client
+/// sends next (split, pipelined or never finished) is served exactly as on a busy one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keep_alive_connections_wake_without_losing_a_byte() {
+    let f = start(&LIMITS.replace("idle_timeout: 2s", "idle_timeout: 20s"));
+    let addr = f.gw.addr;
+    let req = |p: &str| format!("GET /{p} HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n");
+    let park = || tokio::time::sleep(Duration::from_millis(1500));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req("1").as_bytes()).await.unwrap();
+    let r = read_all(&mut s, Duration::from_millis(500)).await;
+    assert_eq!((r.status(), r.responses(), r.closed), ("200", 1, false));
+
+    // Parked; the next head arrives in two pieces 200 ms apart.
+    park().await;
+    let second = req("2");
+    let (a, b) = second.split_at(10);
+    s.write_all(a.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let r = read_all(&mut s, Duration::from_millis(500)).await;
+    assert_eq!((r.status(), r.responses(), r.closed), ("200", 1, false));
+    assert!(
+        !r.text.to_ascii_lowercase().contains("connection: close"),
+        "a woken connection stays kept alive: {}",
+        r.text
+    );
+
+    // Parked again; two pipelined requests in one write: two answers, in order.
+    park().await;
+    s.write_all(format!("{}{}", req("3"), req("4")).as_bytes())
+        .await
+        .unwrap();
+    let r = read_all(&mut s, Duration::from_millis(700)).await;
+    assert_eq!((r.responses(), r.closed), (2, false), "{}", r.text);
+
+    // Parked again; a head that never completes is cut off at the header read timeout
+    // (600 ms) without an answer.
+    park().await;
+    s.write_all(b"GET /5 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let r = read_all(&mut s, Duration::from_secs(4)).await;
+    let took = t.elapsed();
+    assert!(r.closed && r.text.is_empty(), "got {:?}", r.text);
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2000),
+        "cut off after {took:?}"
+    );
+
+    still_serves(addr).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_variants_are_refused_with_400_and_the_connection_closed() {
     let f = start(LIMITS);

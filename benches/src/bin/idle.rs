@@ -102,6 +102,11 @@ limits: {{ idle_timeout: 300s, max_connections: {} }}
     let rss = || status_kb(pid, "VmRSS:");
     std::thread::sleep(Duration::from_millis(500));
     let (rss0, fds0) = (rss(), fd_count(pid));
+    println!(
+        "  before: rss {rss0} KiB = anon {} + file {} KiB",
+        status_kb(pid, "RssAnon:"),
+        status_kb(pid, "RssFile:")
+    );
     println!("idle: gateway pid {pid} on {addr}; {conns} connections");
 
     let t0 = Instant::now();
@@ -128,6 +133,11 @@ limits: {{ idle_timeout: 300s, max_connections: {} }}
         // Idle: nothing is sent for 5 s; then the figures.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let (r, f) = (rss(), fd_count(pid));
+        println!(
+            "  idle: rss {r} KiB = anon {} + file {} KiB",
+            status_kb(pid, "RssAnon:"),
+            status_kb(pid, "RssFile:")
+        );
         // Every held connection still works after the idle period.
         let (n, mut ok) = (held.len(), 0usize);
         let mut it = held.into_iter().enumerate();
@@ -155,14 +165,19 @@ limits: {{ idle_timeout: 300s, max_connections: {} }}
 
     let mib = |kb: u64| kb as f64 / 1024.0;
     println!("\n| figure | value |\n|---|---|");
-    println!("| idle keep-alive connections held | {held} of {conns} ({opened_failed} failed to open) |");
+    println!(
+        "| idle keep-alive connections held | {held} of {conns} ({opened_failed} failed to open) |"
+    );
     println!("| gateway RSS before | {:.1} MiB ({fds0} fds) |", mib(rss0));
     println!(
         "| gateway RSS with {held} idle connections | {:.1} MiB ({fds_idle} fds) — {:.2} KiB per connection |",
         mib(rss_idle),
         (rss_idle.saturating_sub(rss0)) as f64 / held.max(1) as f64
     );
-    println!("| gateway RSS after they closed | {:.1} MiB ({fds_after} fds) |", mib(rss_after));
+    println!(
+        "| gateway RSS after they closed | {:.1} MiB ({fds_after} fds) |",
+        mib(rss_after)
+    );
     println!("| connections that still answered 200 after idling | {reused_ok} of {held} |");
     println!("| time to open, idle 5 s and reuse | {open_secs:.1} s |");
     let pass = held == conns && reused_ok == held && rss_idle <= LIMIT_KIB;

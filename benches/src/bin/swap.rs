@@ -54,7 +54,13 @@ fn config(ups: &[SocketAddr], overrides: usize) -> String {
 
 /// One keep-alive HTTP/1.1 client: alternates override keys (checked against their pin) and
 /// plain keys until `stop`; a new connection after a transport error.
-async fn h1_client(addr: SocketAddr, n: usize, overrides: usize, stop: Arc<AtomicBool>, c: Arc<Counts>) {
+async fn h1_client(
+    addr: SocketAddr,
+    n: usize,
+    overrides: usize,
+    stop: Arc<AtomicBool>,
+    c: Arc<Counts>,
+) {
     let mut i = n;
     let deadline = Instant::now() + Duration::from_secs(600);
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -72,7 +78,7 @@ async fn h1_client(addr: SocketAddr, n: usize, overrides: usize, stop: Arc<Atomi
         tokio::spawn(conn);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             i = i.wrapping_add(7919);
-            let (key, pinned) = if i % 2 == 0 {
+            let (key, pinned) = if i.is_multiple_of(2) {
                 let o = i % overrides.max(1);
                 (format!("ovr-{o}"), Some(CELLS[o % CELLS.len()]))
             } else {
@@ -308,7 +314,11 @@ fn main() {
         counts.misrouted.load(Ordering::Relaxed),
     );
     println!("\n| figure | value |\n|---|---|");
-    println!("| table swaps done | {} of {swaps} in {:.1} s |", times.len(), elapsed.as_secs_f64());
+    println!(
+        "| table swaps done | {} of {swaps} in {:.1} s |",
+        times.len(),
+        elapsed.as_secs_f64()
+    );
     println!(
         "| swap round trip (admin call: build + validate + swap) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
         pct(&sorted, 0.5),
