@@ -96,6 +96,9 @@ pub struct Activity {
     /// A request has started since the current hyper connection was made (only then is
     /// hyper's state idle between requests, which parking needs).
     served: Cell<bool>,
+    /// Bytes were written since the codec last flushed with an empty buffer: part of an
+    /// answer may still sit in hyper's write buffer (a client that stopped reading).
+    unflushed: Cell<bool>,
 }
 
 /// A byte-level look at each HTTP/1 request head as it arrives, for what hyper's parser
@@ -256,6 +259,7 @@ impl Activity {
             track_head: Cell::new(true),
             scan: Cell::new(HeadScan::default()),
             served: Cell::new(false),
+            unflushed: Cell::new(false),
         })
     }
 
@@ -297,6 +301,7 @@ impl Activity {
     fn parkable(&self, now: Instant) -> bool {
         self.track_head.get()
             && self.served.get()
+            && !self.unflushed.get()
             && self.in_flight.get() == 0
             && self.head_since.get().is_none()
             && now >= self.last_active.get() + PARK_AFTER
@@ -424,20 +429,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.act.unflushed.set(true);
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.act.unflushed.set(true);
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        // hyper flushes the stream only once its own write buffer is empty.
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.act.unflushed.set(false);
+        }
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
@@ -619,10 +634,11 @@ async fn park<S: AsyncRead + AsyncWrite + Unpin>(
 enum Ended {
     /// The connection finished by itself (the stream may linger).
     Done,
-    /// The watchdog cut it off (header read timeout).
+    /// The watchdog cut it off (header read timeout, or a close that never finished).
     Cut,
-    /// HTTP/1 only: idle for [`PARK_AFTER`]; hyper closed its side cleanly so the stream can
-    /// wait without hyper's buffers.
+    /// HTTP/1 only: idle for [`PARK_AFTER`] (nothing in flight, nothing unread, nothing
+    /// unflushed) and hyper finished at once when asked to close, so the stream can wait
+    /// without hyper's buffers.
     Parked,
 }
 
@@ -693,17 +709,21 @@ async fn drive<C: Served>(
     drain: &mut watch::Receiver<bool>,
     h2: bool,
 ) -> Ended {
-    let mut closing = false;
-    let mut parking = false;
+    // When a close was started (idle, drain, or a park hyper was too busy for).
+    let mut closing: Option<Instant> = None;
     let mut drain_since: Option<Instant> = None;
     if *drain.borrow() {
         drain_since = Some(Instant::now());
     }
     loop {
         let now = Instant::now();
-        let next = match drain_since {
-            Some(_) if !closing => now + DRAIN_POLL,
-            _ => match act.check(now, s) {
+        let next = match (closing, drain_since) {
+            // A close that has nothing left to finish gets `idle` to do so, then is cut
+            // (a client that stopped reading must not hold the connection forever).
+            (Some(since), _) if act.in_flight() == 0 => (since + s.idle).max(now),
+            (Some(_), _) => now + s.idle,
+            (None, Some(_)) => now + DRAIN_POLL,
+            (None, None) => match act.check(now, s) {
                 // HTTP/1 also wakes when it may be parked: PARK_AFTER past its last
                 // activity when idle, else at least every PARK_AFTER to look again.
                 Ok(t) if !h2 => {
@@ -718,10 +738,8 @@ async fn drive<C: Served>(
         };
         tokio::select! {
             r = std::future::poll_fn(|cx| conn.poll_served(cx)) => {
-                match r {
-                    Ok(()) if parking => return Ended::Parked,
-                    Ok(()) => {}
-                    Err(e) => tracing::debug!(error = %e, "client connection ended with an error"),
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "client connection ended with an error");
                 }
                 return Ended::Done;
             }
@@ -730,30 +748,48 @@ async fn drive<C: Served>(
                     drain_since = Some(Instant::now());
                 }
             }
-            _ = tokio::time::sleep_until(next), if !closing => {
+            _ = tokio::time::sleep_until(next) => {
                 let now = Instant::now();
+                if let Some(since) = closing {
+                    if act.in_flight() == 0 && now >= since + s.idle {
+                        tracing::debug!("connection did not finish closing within the idle timeout; dropped");
+                        return Ended::Cut;
+                    }
+                    continue;
+                }
+                // The head timer holds while draining too (a woken connection's partial
+                // head must not hold the drain up).
+                if let Err(Expired::HeaderRead) = act.check(now, s) {
+                    tracing::debug!("request head not received within the header read timeout; connection closed");
+                    return Ended::Cut;
+                }
                 if let Some(since) = drain_since {
                     if h2 || act.in_flight() > 0 || now >= since + DRAIN_LINGER {
                         conn.begin_close();
-                        closing = true;
+                        closing = Some(now);
                     }
                     continue;
                 }
                 match act.check(now, s) {
-                    Err(Expired::HeaderRead) => {
-                        tracing::debug!("request head not received within the header read timeout; connection closed");
-                        return Ended::Cut;
-                    }
-                    Err(Expired::Idle) => {
+                    Err(_) => {
                         conn.begin_close();
-                        closing = true;
+                        closing = Some(now);
                     }
-                    // hyper is between requests: closing it now writes nothing and
-                    // hands back the stream and any unread bytes.
                     Ok(_) if !h2 && act.parkable(now) => {
+                        // hyper is between requests: closing it writes nothing and it
+                        // finishes at once, handing back the stream and unread bytes. If
+                        // it does not finish at once it was busy after all (say, still
+                        // reading a body after an early answer): it closes after that
+                        // exchange instead, and the bytes after it are never reused.
                         conn.begin_close();
-                        closing = true;
-                        parking = true;
+                        match std::future::poll_fn(|cx| Poll::Ready(conn.poll_served(cx))).await {
+                            Poll::Ready(Ok(())) => return Ended::Parked,
+                            Poll::Ready(Err(e)) => {
+                                tracing::debug!(error = %e, "client connection ended with an error");
+                                return Ended::Done;
+                            }
+                            Poll::Pending => closing = Some(now),
+                        }
                     }
                     Ok(_) => {}
                 }

@@ -395,6 +395,111 @@ async fn parked_keep_alive_connections_wake_without_losing_a_byte() {
     still_serves(addr).await;
 }
 
+/// An upstream on loopback that answers every request with `len` bytes (`Content-Length`).
+async fn big_body_upstream(len: usize) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                        if s.write_all(head.as_bytes()).await.is_err()
+                            || s.write_all(&vec![b'z'; len]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A client that stops reading an answer for longer than the park delay still gets all of
+/// it: a connection is never parked while part of an answer waits to be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_gets_the_whole_answer() {
+    const LEN: usize = 3 << 20;
+    let up = big_body_upstream(LEN).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up)])],
+        &LIMITS.replace("idle_timeout: 2s", "idle_timeout: 20s"),
+    );
+    let dir = TempDir::new("stall");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    // A small receive window, so most of the answer waits in the gateway.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+        .await
+        .unwrap();
+    // Read a little, then stall for longer than the park delay, three times over.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..3 {
+        let n = s.read(&mut buf).await.unwrap();
+        got += n;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut head_len = None;
+    let mut text = Vec::new();
+    text.extend_from_slice(b"");
+    while Instant::now() < end {
+        match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                if head_len.is_none() && text.len() < 4096 {
+                    text.extend_from_slice(&buf[..n.min(4096)]);
+                }
+                got += n;
+                if head_len.is_none() {
+                    head_len = text
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|p| p + 4);
+                }
+                if head_len.is_some_and(|h| got >= h + LEN) {
+                    break;
+                }
+            }
+        }
+    }
+    // The head is ~150 bytes; everything after it is the body.
+    assert!(
+        got >= LEN + 100,
+        "the answer was cut short: {got} bytes of a {LEN}-byte body and its head"
+    );
+    // The connection is still usable afterwards.
+    s.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n.min(64)])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_variants_are_refused_with_400_and_the_connection_closed() {
     let f = start(LIMITS);
