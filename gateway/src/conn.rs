@@ -566,37 +566,38 @@ async fn serve_h1<S>(
     let (mut io, mut guard) = (io, guard);
     loop {
         act.served.set(false);
-        // Boxed, so a parked connection's task does not keep room for hyper's state.
-        let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
-        // The watchdog and the parked wait are boxed too: only one of them exists at a
-        // time, and the task keeps room for neither.
-        // (A statement of its own, so the box is freed before the match parks.)
-        let ended = Box::pin(drive(&mut *conn, &act, settings, &mut drain, false)).await;
-        match ended {
-            Ended::Done => {
-                // hyper is done with it (answered and closing, or the client left): close
-                // it gently instead of letting unread request bytes reset the answer away.
-                let io = conn.into_parts().io.into_inner();
-                Box::pin(linger(io)).await;
-                return;
-            }
-            Ended::Cut => return,
-            Ended::Parked => {
-                let parts = conn.into_parts();
-                (io, guard) = (parts.io.into_inner(), parts.service);
-                if !parts.read_buf.is_empty() {
-                    // Bytes of a next request slipped in: serve them at once.
-                    io.replay = parts.read_buf;
-                    continue;
-                }
-                // Even empty, it holds hyper's read buffer: let it go before waiting.
-                drop(parts.read_buf);
-                tracing::trace!("idle connection parked");
-                if !Box::pin(park(&mut io, &act, settings, &mut drain)).await {
+        // In a block of its own so that hyper's state (boxed, so the task keeps no room for
+        // it) is freed before the connection parks.
+        let parts = {
+            let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
+            // The watchdog and the parked wait are boxed too: only one of them exists at a
+            // time, and the task keeps room for neither.
+            let ended = Box::pin(drive(&mut *conn, &act, settings, &mut drain, false)).await;
+            match ended {
+                Ended::Done => {
+                    // hyper is done with it (answered and closing, or the client left):
+                    // close it gently instead of letting unread request bytes reset the
+                    // answer away.
+                    let io = conn.into_parts().io.into_inner();
                     Box::pin(linger(io)).await;
                     return;
                 }
+                Ended::Cut => return,
+                Ended::Parked => conn.into_parts(),
             }
+        };
+        (io, guard) = (parts.io.into_inner(), parts.service);
+        if !parts.read_buf.is_empty() {
+            // Bytes of a next request slipped in: serve them at once.
+            io.replay = parts.read_buf;
+            continue;
+        }
+        // Even empty, it holds hyper's read buffer: let it go before waiting.
+        drop(parts.read_buf);
+        tracing::trace!("idle connection parked");
+        if !Box::pin(park(&mut io, &act, settings, &mut drain)).await {
+            Box::pin(linger(io)).await;
+            return;
         }
     }
 }

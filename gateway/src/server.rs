@@ -707,6 +707,15 @@ async fn worker_main(
     tls: Option<(std::net::TcpListener, TlsAcceptor)>,
 ) {
     let worker = Worker::new(Arc::clone(&ctx.shared));
+    let pruned = Rc::clone(&worker);
+    tokio::task::spawn_local(async move {
+        let mut tick = tokio::time::interval(crate::proxy::send::POOL_PRUNE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            pruned.prune_pool();
+        }
+    });
     if let Some(release) = ctx.release_memory {
         tokio::task::spawn_local(async move {
             let mut tick = tokio::time::interval(MEMORY_RELEASE_EVERY);

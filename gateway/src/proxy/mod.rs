@@ -90,6 +90,12 @@ impl Worker {
         })
     }
 
+    /// Age this worker's upstream pool, closing connections left unused (every
+    /// [`send::POOL_PRUNE_EVERY`]).
+    pub fn prune_pool(&self) {
+        self.pool.borrow_mut().prune();
+    }
+
     fn pick(
         &self,
         table: &RoutingTable,

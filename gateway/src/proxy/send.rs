@@ -27,6 +27,14 @@ use crate::tls::UpstreamTls;
 /// is given back instead of staying resident.
 const MAX_IDLE_PER_ADDR: usize = 64;
 
+/// How often each worker ages its pool ([`Pool::prune`]).
+pub const POOL_PRUNE_EVERY: Duration = Duration::from_secs(5);
+
+/// Pool ages (prune ticks) an idle HTTP/1.1 connection may go unused before it is closed:
+/// 10–15 s. A burst's surplus connections (the oldest, since the pool is used newest
+/// first) do not stay open, and resident, for good.
+const IDLE_AGES: u64 = 2;
+
 /// Why one attempt failed.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // the request travels back by value on the cold path; boxing would allocate
@@ -55,9 +63,10 @@ impl Lease {
     /// Put the connection back for the next request.
     pub fn give_back(self) {
         let mut p = self.pool.borrow_mut();
+        let age = p.age;
         let idle = p.h1.entry(self.addr).or_default();
         if idle.len() < MAX_IDLE_PER_ADDR && !self.sender.is_closed() {
-            idle.push(self.sender);
+            idle.push((self.sender, age));
         }
     }
 }
@@ -65,8 +74,25 @@ impl Lease {
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
-    h1: HashMap<SocketAddr, Vec<http1::SendRequest<ProxyBody>>>,
+    /// Idle HTTP/1.1 senders per address, with the pool age they were last given back at.
+    h1: HashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, u64)>>,
     h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
+    /// Incremented by every [`Pool::prune`]; no clock is read on the request path.
+    age: u64,
+}
+
+impl Pool {
+    /// Age the pool by one tick and close HTTP/1.1 connections unused for [`IDLE_AGES`]
+    /// ticks, and closed ones; forget addresses with nothing left.
+    pub fn prune(&mut self) {
+        self.age += 1;
+        let keep_from = self.age.saturating_sub(IDLE_AGES);
+        self.h1.retain(|_, idle| {
+            idle.retain(|(s, age)| *age >= keep_from && !s.is_closed());
+            !idle.is_empty()
+        });
+        self.h2.retain(|_, s| !s.is_closed());
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -193,11 +219,11 @@ fn take_ready(pool: &Rc<RefCell<Pool>>, addr: SocketAddr) -> Option<http1::SendR
     let mut i = idle.len();
     while i > 0 {
         i -= 1;
-        if idle[i].is_ready() {
-            return Some(idle.swap_remove(i));
+        if idle[i].0.is_ready() {
+            return Some(idle.remove(i).0);
         }
-        if idle[i].is_closed() {
-            idle.swap_remove(i);
+        if idle[i].0.is_closed() {
+            idle.remove(i);
         }
     }
     None
