@@ -130,6 +130,40 @@ impl GatewayProcess {
         Self { child, listeners }
     }
 
+    /// `cellgate run` on the file `cfg` in directory `dir` (state in `dir/state`), proxy and
+    /// admin on loopback port 0, `workers` workers, plus `extra` arguments; waits for the
+    /// listeners in `wait_for`.
+    pub fn run_file(
+        cfg: &std::path::Path,
+        workers: usize,
+        extra: &[&str],
+        wait_for: &[&str],
+    ) -> Self {
+        let cfg_s = cfg.display().to_string();
+        let state = cfg
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("state")
+            .display()
+            .to_string();
+        let workers = workers.to_string();
+        let mut args = vec![
+            "run",
+            "--config",
+            &cfg_s,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--workers",
+            &workers,
+            "--state-dir",
+            &state,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(&gateway_bin(), &args, wait_for)
+    }
+
     /// The address of listener `name`.
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.listeners[name]
@@ -164,4 +198,25 @@ pub fn status_kb(pid: u32, field: &str) -> u64 {
 /// Open file descriptors of `pid`.
 pub fn fd_count(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// The environment variable `name` parsed as a `T`, or `default` when unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A scratch directory `cellgate-<tag>-<pid>` under the temp dir and a two-thread runtime for
+/// a harness's clients and upstreams.
+pub fn harness(tag: &str) -> (std::path::PathBuf, tokio::runtime::Runtime) {
+    let dir = std::env::temp_dir().join(format!("cellgate-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    (dir, rt)
 }

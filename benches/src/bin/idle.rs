@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cellgate_benches::{fd_count, gateway_bin, spawn_upstreams, status_kb, GatewayProcess};
+use cellgate_benches::{env_or, fd_count, harness, spawn_upstreams, status_kb, GatewayProcess};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -46,17 +46,8 @@ async fn open(addr: SocketAddr, key: usize) -> Option<SendRequest<Full<Bytes>>> 
 }
 
 fn main() {
-    let conns: usize = std::env::var("CONNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let dir = std::env::temp_dir().join(format!("cellgate-idle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let conns: usize = env_or("CONNS", 10_000);
+    let (dir, rt) = harness("idle");
     let ups = spawn_upstreams(&rt, &[("a", "a-1"), ("b", "b-1"), ("c", "c-1")]);
     // Every feature on: three cells with failover, health (probes, ejection, breakers, the
     // failover window), metrics; idle timeout long enough to outlast the measurement; the
@@ -77,27 +68,7 @@ limits: {{ idle_timeout: 300s, max_connections: {} }}
     );
     let cfg = dir.join("idle.yaml");
     std::fs::write(&cfg, yaml).expect("write config");
-    let (cfg_s, state) = (
-        cfg.display().to_string(),
-        dir.join("state").display().to_string(),
-    );
-    let gw = GatewayProcess::start(
-        &gateway_bin(),
-        &[
-            "run",
-            "--config",
-            &cfg_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--state-dir",
-            &state,
-        ],
-        &["proxy"],
-    );
+    let gw = GatewayProcess::run_file(&cfg, 1, &[], &["proxy"]);
     let (pid, addr) = (gw.pid(), gw.addr("proxy"));
     let rss = || status_kb(pid, "VmRSS:");
     std::thread::sleep(Duration::from_millis(500));

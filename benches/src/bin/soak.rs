@@ -14,15 +14,16 @@
 //! at most 600), `CELLGATE_BIN` (default: `cellgate` beside this binary). Traffic goes to
 //! loopback only; every loop stops at the deadline.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cellgate_benches::{
+    env_or, fd_count, gateway_bin, harness, spawn_upstreams, status_kb, GatewayProcess,
+};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,30 +88,6 @@ struct Sample {
     requests: u64,
 }
 
-fn env_secs(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A `/proc/<pid>/status` field in KiB (`VmRSS`, `RssAnon`).
-fn status_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn fd_count(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
-}
-
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
@@ -150,49 +127,6 @@ shutdown: {{ grace: 5s }}
         a2 = ups[1],
         b1 = ups[2],
     )
-}
-
-/// Start the gateway binary; its proxy and TLS addresses.
-fn start_gateway(bin: &Path, cfg: &Path) -> (Child, SocketAddr, SocketAddr) {
-    let mut child = Command::new(bin)
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(cfg)
-        .args(["--listen", "127.0.0.1:0", "--workers", "2"])
-        .env("CELLGATE_LOG", "warn,cellgate=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "listening" {
-                    let _ = tx.send((
-                        v["listener"].as_str().unwrap_or("").to_owned(),
-                        v["addr"].as_str().unwrap_or("").to_owned(),
-                    ));
-                } else if v["level"] == "ERROR" {
-                    eprintln!("gateway: {line}");
-                }
-            }
-        }
-    });
-    let (mut http, mut tls) = (None, None);
-    while http.is_none() || tls.is_none() {
-        let (l, a) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("gateway did not start listening");
-        let a: SocketAddr = a.parse().expect("listening address");
-        match l.as_str() {
-            "proxy" => http = Some(a),
-            "tls" => tls = Some(a),
-            _ => {}
-        }
-    }
-    (child, http.expect("proxy"), tls.expect("tls"))
 }
 
 async fn h1_keepalive(addr: SocketAddr, n: usize, end: Instant, c: Arc<Counts>) {
@@ -497,43 +431,17 @@ fn median(s: &[Sample]) -> (u64, u64, u64) {
 }
 
 fn main() {
-    let secs = env_secs("SOAK_SECS", 1800).max(30);
-    let warmup = env_secs("SOAK_WARMUP_SECS", (secs / 3).min(600)).min(secs / 2);
+    let secs = env_or("SOAK_SECS", 1800u64).max(30);
+    let warmup = env_or("SOAK_WARMUP_SECS", (secs / 3).min(600)).min(secs / 2);
     let sample_every = Duration::from_secs((secs / 60).clamp(1, 10));
     let event_every = Duration::from_secs((secs / 30).clamp(2, 20));
-    let bin = std::env::var_os("CELLGATE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("cellgate")))
-                .unwrap_or_else(|| PathBuf::from("cellgate"))
-        });
-    let dir = std::env::temp_dir().join(format!("cellgate-soak-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let ups: Vec<SocketAddr> = [("a", "a-1"), ("a", "a-2"), ("b", "b-1")]
-        .iter()
-        .map(|(cell, name)| {
-            let l = rt.block_on(async { cellgate::demo::upstream::bind("127.0.0.1:0") });
-            let l = l.expect("bind upstream");
-            let addr = l.local_addr().expect("addr");
-            let (c, n) = ((*cell).to_owned(), (*name).to_owned());
-            rt.spawn(async move {
-                let _ = cellgate::demo::upstream::serve(l, c, n).await;
-            });
-            addr
-        })
-        .collect();
+    let bin = gateway_bin();
+    let (dir, rt) = harness("soak");
+    let ups = spawn_upstreams(&rt, &[("a", "a-1"), ("a", "a-2"), ("b", "b-1")]);
     let (cert, key) = self_signed(&dir);
     std::fs::write(dir.join("c.yaml"), config(&ups, &cert, &key, 100)).expect("config");
-    let (mut child, http, tls) = start_gateway(&bin, &dir.join("c.yaml"));
-    let pid = child.id();
+    let gw = GatewayProcess::run_file(&dir.join("c.yaml"), 2, &[], &["proxy", "tls"]);
+    let (http, tls, pid) = (gw.addr("proxy"), gw.addr("tls"), gw.pid());
     println!(
         "soak: {} for {secs} s (warm-up {warmup} s), gateway pid {pid} on {http} and {tls}, sampling every {:?}",
         bin.display(),
@@ -605,8 +513,7 @@ fn main() {
         stop.store(true, Ordering::Relaxed);
         let _ = sampler.await;
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cellgate_benches::{gateway_bin, spawn_upstreams, GatewayProcess};
+use cellgate_benches::{env_or, harness, spawn_upstreams, GatewayProcess};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -26,13 +26,6 @@ struct Counts {
     failed: AtomicU64,
     /// Override keys answered by a cell other than the one they are pinned to.
     misrouted: AtomicU64,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn config(ups: &[SocketAddr], overrides: usize) -> String {
@@ -212,39 +205,13 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn main() {
-    let swaps = env_usize("SWAPS", 100);
-    let overrides = env_usize("OVERRIDES", 100_000);
-    let dir = std::env::temp_dir().join(format!("cellgate-swap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let swaps = env_or("SWAPS", 100usize);
+    let overrides = env_or("OVERRIDES", 100_000usize);
+    let (dir, rt) = harness("swap");
     let ups = spawn_upstreams(&rt, &[("a", "a-1"), ("b", "b-1"), ("c", "c-1")]);
     let cfg = dir.join("swap.yaml");
     std::fs::write(&cfg, config(&ups, overrides)).expect("write config");
-    let cfg_s = cfg.display().to_string();
-    let state = dir.join("state").display().to_string();
-    let gw = GatewayProcess::start(
-        &gateway_bin(),
-        &[
-            "run",
-            "--config",
-            &cfg_s,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--admin-token",
-            TOKEN,
-            "--workers",
-            "1",
-            "--state-dir",
-            &state,
-        ],
-        &["proxy", "admin"],
-    );
+    let gw = GatewayProcess::run_file(&cfg, 1, &["--admin-token", TOKEN], &["proxy", "admin"]);
     let (proxy, admin_addr) = (gw.addr("proxy"), gw.addr("admin"));
     println!(
         "swap: gateway pid {} on {proxy}, admin {admin_addr}; 16384 slots, {overrides} overrides, {swaps} swaps",
