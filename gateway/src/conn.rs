@@ -49,6 +49,12 @@ use crate::server::LocalExec;
 /// client already sent is answered (with `Connection: close`) instead of cut off.
 pub const DRAIN_LINGER: Duration = Duration::from_millis(1000);
 
+/// Largest read and write buffer of one HTTP/1 connection (client side and upstream side):
+/// enough for bodies to stream at full speed (the client side's is raised to fit
+/// `limits.max_header_bytes` when that is larger), small enough that a few hundred busy connections after a burst do
+/// not hold hundreds of MiB.
+pub const MAX_CONN_BUF: usize = 64 * 1024;
+
 /// How long an HTTP/1 connection must be idle (no request in flight, nothing received)
 /// before its hyper state is dropped until the client sends again.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
@@ -555,6 +561,9 @@ async fn serve_h1<S>(
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .keep_alive(true)
+        // hyper grows a connection's buffers up to ~400 KiB when a burst fills them and
+        // keeps them while the connection is busy; bodies stream through in smaller pieces.
+        .max_buf_size(MAX_CONN_BUF.max(lim.max_header_bytes.saturating_add(8192)))
         // The watchdog times the head from its first byte; hyper's own timer would also
         // run while a kept-alive connection waits, merging it with the idle timeout.
         .header_read_timeout(None)

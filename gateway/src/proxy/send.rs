@@ -202,6 +202,7 @@ async fn connect_h1(
 ) -> std::io::Result<http1::SendRequest<ProxyBody>> {
     let stream = connect::open(addr, timeout, tls, false).await?;
     let (sender, conn) = http1::Builder::new()
+        .max_buf_size(crate::conn::MAX_CONN_BUF)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
