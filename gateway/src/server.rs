@@ -287,6 +287,25 @@ pub struct RunOptions {
 /// How often each worker calls [`RunOptions::release_memory`].
 pub const MEMORY_RELEASE_EVERY: Duration = Duration::from_secs(2);
 
+/// A runtime thread-park hook that calls `release` when the thread goes idle, at most every
+/// [`MEMORY_RELEASE_EVERY`] per thread: for the control-plane and signal runtimes, whose
+/// threads build tables and parse configuration and would otherwise keep what they freed.
+pub(crate) fn release_on_park(release: fn()) -> impl Fn() + Send + Sync + 'static {
+    move || {
+        thread_local!(static LAST: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) });
+        let now = std::time::Instant::now();
+        LAST.with(|last| {
+            if last
+                .get()
+                .is_none_or(|t| now.duration_since(t) >= MEMORY_RELEASE_EVERY)
+            {
+                last.set(Some(now));
+                release();
+            }
+        });
+    }
+}
+
 impl RunOptions {
     /// Options for `config` with defaults.
     pub fn new(config: Config) -> Self {
@@ -568,10 +587,11 @@ impl Gateway {
     /// starts the new binary on the same sockets, SIGHUP (and file changes) reload the
     /// configuration; certificate files are watched too.
     pub fn run_until_signal(mut self) -> Result<(), GatewayError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(GatewayError::Runtime)?;
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        if let Some(release) = self.opts.release_memory {
+            b.on_thread_park(release_on_park(release));
+        }
+        let rt = b.enable_all().build().map_err(GatewayError::Runtime)?;
         rt.block_on(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Runtime)?;

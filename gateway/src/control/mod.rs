@@ -451,13 +451,14 @@ fn host_name() -> String {
 /// first table (from the file and overlay, or from etcd, the last known good table, or the
 /// file, in that order).
 pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.worker_threads(1)
         .max_blocking_threads(4)
-        .thread_name("cellgate-control")
-        .enable_all()
-        .build()
-        .map_err(GatewayError::Runtime)?;
+        .thread_name("cellgate-control");
+    if let Some(release) = opts.release_memory {
+        b.on_thread_park(crate::server::release_on_park(release));
+    }
+    let rt = b.enable_all().build().map_err(GatewayError::Runtime)?;
     let admin_listen = opts
         .admin_listen
         .clone()
