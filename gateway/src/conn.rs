@@ -305,12 +305,17 @@ impl Activity {
     /// Whether an HTTP/1 connection can be parked now: it has answered a request, has none
     /// in flight, has received no part of a next one and has been quiet for [`PARK_AFTER`].
     fn parkable(&self, now: Instant) -> bool {
+        self.between_requests() && now >= self.last_active.get() + PARK_AFTER
+    }
+
+    /// HTTP/1 and hyper is between requests: one answered, none in flight, nothing of the
+    /// next received, nothing of the last one still to write.
+    fn between_requests(&self) -> bool {
         self.track_head.get()
             && self.served.get()
             && !self.unflushed.get()
             && self.in_flight.get() == 0
             && self.head_since.get().is_none()
-            && now >= self.last_active.get() + PARK_AFTER
     }
 
     /// When the watchdog must look next, and what expired if it is already past.
@@ -735,11 +740,14 @@ async fn drive<C: Served>(
             (None, Some(_)) => now + DRAIN_POLL,
             (None, None) => match act.check(now, s) {
                 // HTTP/1 also wakes when it may be parked: PARK_AFTER past its last
-                // activity when idle, else at least every PARK_AFTER to look again.
+                // activity when between requests, else at least every PARK_AFTER to look
+                // again (so a stalled reader is looked at once a second, not in a spin).
                 Ok(t) if !h2 => {
-                    let idle =
-                        act.served.get() && act.in_flight() == 0 && act.head_since.get().is_none();
-                    let base = if idle { act.last_active.get() } else { now };
+                    let base = if act.between_requests() {
+                        act.last_active.get()
+                    } else {
+                        now
+                    };
                     t.min(base + PARK_AFTER)
                 }
                 Ok(t) => t,
@@ -767,9 +775,10 @@ async fn drive<C: Served>(
                     }
                     continue;
                 }
+                let checked = act.check(now, s);
                 // The head timer holds while draining too (a woken connection's partial
                 // head must not hold the drain up).
-                if let Err(Expired::HeaderRead) = act.check(now, s) {
+                if let Err(Expired::HeaderRead) = checked {
                     tracing::debug!("request head not received within the header read timeout; connection closed");
                     return Ended::Cut;
                 }
@@ -780,7 +789,7 @@ async fn drive<C: Served>(
                     }
                     continue;
                 }
-                match act.check(now, s) {
+                match checked {
                     Err(_) => {
                         conn.begin_close();
                         closing = Some(now);
