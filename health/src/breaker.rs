@@ -33,13 +33,17 @@ const CLOSED: u8 = 0;
 const OPEN: u8 = 1;
 const HALF_OPEN: u8 = 2;
 
-/// One circuit breaker with its own window.
+/// One circuit breaker with its own window. `repr(C)`: the state byte read on every
+/// request comes first, so an owner can keep it on its hot cache line.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Breaker {
     state: AtomicU8,
     opened_at: AtomicU64,
     trial_successes: AtomicU32,
-    window: Window,
+    // Boxed: the window is only touched when an outcome is recorded, and keeping it out
+    // of line keeps the breaker (and the health record holding it) small and dense.
+    window: Box<Window>,
 }
 
 impl Default for Breaker {
@@ -48,7 +52,9 @@ impl Default for Breaker {
             state: AtomicU8::new(CLOSED),
             opened_at: AtomicU64::new(0),
             trial_successes: AtomicU32::new(0),
-            window: Window::new(BreakerPolicy::default().window.as_millis() as u64),
+            window: Box::new(Window::new(
+                BreakerPolicy::default().window.as_millis() as u64
+            )),
         }
     }
 }

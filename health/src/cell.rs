@@ -12,9 +12,11 @@ use crate::window::{Counts, Window};
 
 /// Health of one cell.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct CellHealth {
-    failover_window: Window,
+    // First: the breaker, whose state every routing decision reads.
     breaker: Breaker,
+    failover_window: Window,
     budget_requests: Window,
     budget_retries: Window,
     in_flight: AtomicI64,

@@ -41,15 +41,22 @@ pub struct Recorded {
 }
 
 /// Health of one instance.
+///
+/// Laid out for the request path: what [`Self::is_available`] reads (probe verdict,
+/// ejection, the breaker's state) sits on the first cache line, so a routing decision
+/// touches one line per instance, and the windows live out of line so the records of a
+/// cell's instances stay small and close together.
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub struct InstanceHealth {
+    probe_up: AtomicBool,
+    ejected_until_ms: AtomicU64,
+    breaker: Breaker,
     consecutive_failures: AtomicU32,
     ejections: AtomicU32,
-    ejected_until_ms: AtomicU64,
-    window: Window,
-    latency: LatencyWindow,
-    breaker: Breaker,
-    probe_up: AtomicBool,
+    // Out of line (see the type's docs): written once per outcome, never read to route.
+    window: Box<Window>,
+    latency: Box<LatencyWindow>,
     probe_streak: AtomicI64,
     score_milli: AtomicU32,
     rtt_us: AtomicU64,
@@ -65,8 +72,8 @@ impl Default for InstanceHealth {
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
-            window: Window::default(),
-            latency: LatencyWindow::default(),
+            window: Box::default(),
+            latency: Box::default(),
             breaker: Breaker::default(),
             probe_up: AtomicBool::new(true),
             probe_streak: AtomicI64::new(0),

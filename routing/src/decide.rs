@@ -251,13 +251,27 @@ impl RoutingTable {
         let insts = &self.cells.get(usize::from(cell))?.instances;
         let p = &*self.health;
         let usable = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
-        let panic = p.outlier.panic_threshold > 0.0 && {
-            let up = insts
-                .iter()
-                .filter(|i| i.health.is_available(now, p))
-                .count();
-            (up as f64) < p.outlier.panic_threshold * insts.len() as f64
+        // Availability of each instance, read once (bit i = instance i; instances past the
+        // 64th are asked again when weighed).
+        let mut available = 0u64;
+        let mut up = 0usize;
+        for (i, inst) in insts.iter().enumerate() {
+            if inst.health.is_available(now, p) {
+                up += 1;
+                if i < 64 {
+                    available |= 1 << i;
+                }
+            }
+        }
+        let is_available = |i: usize| {
+            if i < 64 {
+                available & (1 << i) != 0
+            } else {
+                insts[i].health.is_available(now, p)
+            }
         };
+        let panic = p.outlier.panic_threshold > 0.0
+            && (up as f64) < p.outlier.panic_threshold * insts.len() as f64;
         let weight_of = |i: usize, want_tag: bool| -> u32 {
             let inst = &insts[i];
             if !usable(i) || inst.weight == 0 || (want_tag && inst.gray.as_deref() != tag) {
@@ -266,7 +280,7 @@ impl RoutingTable {
             let ok = if panic {
                 inst.health.is_probe_up()
             } else {
-                inst.health.is_available(now, p)
+                is_available(i)
             };
             if !ok {
                 return 0;

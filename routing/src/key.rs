@@ -221,9 +221,21 @@ impl KeySources {
     ) -> Result<Option<Cow<'a, str>>, KeyError> {
         for source in &self.sources {
             let raw: Option<Cow<'a, [u8]>> = match source {
-                KeySource::Header(name) => headers
-                    .get(name)
-                    .map(|v| Cow::Borrowed(trim_bytes(v.as_bytes()))),
+                KeySource::Header(name) => {
+                    let Some(v) = headers.get(name) else { continue };
+                    // Fast path: a visible-ASCII value (nearly every key) is UTF-8 already,
+                    // and tab is the only control character `to_str` lets through.
+                    if let Ok(s) = v.to_str() {
+                        let t = s.trim_matches(|c: char| c.is_ascii_whitespace());
+                        if t.is_empty() {
+                            continue;
+                        }
+                        if t.len() <= MAX_KEY_LEN && !t.as_bytes().contains(&b'\t') {
+                            return Ok(Some(Cow::Borrowed(t)));
+                        }
+                    }
+                    Some(Cow::Borrowed(trim_bytes(v.as_bytes())))
+                }
                 KeySource::Cookie(name) => find_cookie(headers, name).map(Cow::Borrowed),
                 KeySource::Query(name) => uri.query().and_then(|q| find_query(q, name)),
                 KeySource::PathSegment(n) => uri
@@ -414,6 +426,14 @@ mod tests {
         ));
         let (u, h) = req("/?user=a%FFb", &[]);
         assert!(matches!(s.extract(&u, &h), Err(KeyError::NotUtf8 { .. })));
+        let (u, h) = req("/", &[("x-user-id", " \t alice \t")]);
+        assert_eq!(s.extract(&u, &h).expect("valid").as_deref(), Some("alice"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-user-id",
+            HeaderValue::from_bytes("zoë".as_bytes()).expect("opaque"),
+        );
+        assert_eq!(s.extract(&u, &h).expect("valid").as_deref(), Some("zoë"));
         let (u, h) = req("/", &[("x-user-id", "a\tb")]);
         assert!(matches!(
             s.extract(&u, &h),
@@ -490,6 +510,21 @@ mod tests {
                     proptest::prop_assert!(!k.bytes().any(|b| b < 0x20 || b == 0x7f));
                 }
             }
+        }
+
+        /// The visible-ASCII fast path for header keys answers exactly as the general
+        /// rules (trim, length, control characters, UTF-8) do.
+        #[test]
+        fn header_fast_path_matches_the_general_rules(hdr in proptest::collection::vec(proptest::prop_oneof![16 => 0x20u8..0x7f, 2 => proptest::strategy::Just(b'\t'), 1 => 0x80u8..=0xff, 1 => 0u8..0x20], 0..270)) {
+            let Ok(v) = HeaderValue::from_bytes(&hdr) else { return Ok(()) };
+            let s = KeySources::new(vec![KeySource::Header(HeaderName::from_static("x-user-id"))]);
+            let mut h = HeaderMap::new();
+            h.insert("x-user-id", v.clone());
+            let u = Uri::from_static("/");
+            let got = s.extract(&u, &h);
+            let trimmed = trim_bytes(v.as_bytes());
+            let want = if trimmed.is_empty() { Ok(None) } else { validate_key(Cow::Borrowed(trimmed), "header").map(Some) };
+            proptest::prop_assert_eq!(format!("{got:?}"), format!("{want:?}"));
         }
     }
 }

@@ -2,10 +2,16 @@
 //! item is chosen exactly `w` times, spread evenly. The state is per caller (the gateway
 //! keeps one per worker and cell), so picking takes no lock.
 
-/// Smooth WRR state for one set of items.
+/// Items whose positions live inline, without a heap allocation to follow.
+const INLINE: usize = 4;
+
+/// Smooth WRR state for one set of items: one cache line for up to [`INLINE`] items.
 #[derive(Clone, Debug, Default)]
+#[repr(align(64))]
 pub struct SmoothWrr {
-    current: Vec<i64>,
+    n: usize,
+    small: [i64; INLINE],
+    large: Vec<i64>,
 }
 
 impl SmoothWrr {
@@ -13,14 +19,23 @@ impl SmoothWrr {
     /// `None` when no item has a positive weight.
     #[inline]
     pub fn pick(&mut self, n: usize, mut weight: impl FnMut(usize) -> u32) -> Option<usize> {
-        if self.current.len() != n {
-            self.current.clear();
-            self.current.resize(n, 0);
+        if self.n != n {
+            self.n = n;
+            self.small = [0; INLINE];
+            self.large.clear();
+            if n > INLINE {
+                self.large.resize(n, 0);
+            }
         }
+        let current = if n <= INLINE {
+            &mut self.small[..n]
+        } else {
+            &mut self.large[..]
+        };
         let mut total: i64 = 0;
         let mut best: Option<usize> = None;
         let mut best_val = i64::MIN;
-        for (i, cur) in self.current.iter_mut().enumerate() {
+        for (i, cur) in current.iter_mut().enumerate() {
             let w = i64::from(weight(i));
             if w == 0 {
                 continue;
@@ -33,7 +48,7 @@ impl SmoothWrr {
             }
         }
         let b = best?;
-        self.current[b] -= total;
+        current[b] -= total;
         Some(b)
     }
 }
@@ -58,6 +73,20 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(s.pick(3, |i| if i == 1 { 2 } else { 0 }), Some(1));
         }
+    }
+
+    #[test]
+    fn more_items_than_fit_inline() {
+        let w: Vec<u32> = (1..=20).collect();
+        let total: u32 = w.iter().sum();
+        let mut s = SmoothWrr::default();
+        let mut counts = vec![0u32; w.len()];
+        for _ in 0..total {
+            counts[s.pick(w.len(), |i| w[i]).expect("positive")] += 1;
+        }
+        assert_eq!(counts, w);
+        // Shrinking the set starts over with the inline positions.
+        assert_eq!(s.pick(2, |i| [0, 3][i]), Some(1));
     }
 
     proptest::proptest! {
