@@ -39,9 +39,15 @@ pub use window::{quantile_ms, Counts, LatencyWindow, Window, LATENCY_BINS_MS};
 /// Milliseconds since the first call in this process: the time base of every health
 /// timestamp. Monotonic; never 0.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] of an instant already read (the request path reads the clock once per
+/// step and derives both from it).
+pub fn ms_at(at: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = EPOCH.get_or_init(Instant::now);
-    epoch.elapsed().as_millis() as u64 + 1
+    at.saturating_duration_since(*epoch).as_millis() as u64 + 1
 }
 
 /// Hands out one [`InstanceHealth`] per `(cell id, instance name)` and one [`CellHealth`] per

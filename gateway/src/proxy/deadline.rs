@@ -51,20 +51,30 @@ fn grpc_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// `X-Timeout` value for a remaining budget (whole milliseconds, at least 1).
 pub fn remaining_x_timeout(rem: Duration) -> HeaderValue {
-    let mut buf = itoa_ms(rem);
-    buf.push_str("ms");
-    HeaderValue::from_str(&buf).unwrap_or_else(|_| HeaderValue::from_static("1ms"))
+    ms_value(rem, b"ms")
 }
 
 /// `grpc-timeout` value for a remaining budget.
 pub fn remaining_grpc_timeout(rem: Duration) -> HeaderValue {
-    let mut buf = itoa_ms(rem);
-    buf.push('m');
-    HeaderValue::from_str(&buf).unwrap_or_else(|_| HeaderValue::from_static("1m"))
+    ms_value(rem, b"m")
 }
 
-fn itoa_ms(rem: Duration) -> String {
-    (rem.as_millis().clamp(1, 99_999_999)).to_string()
+/// Whole milliseconds (1 to 99,999,999) followed by `unit`, formatted on the stack.
+fn ms_value(rem: Duration, unit: &[u8]) -> HeaderValue {
+    let mut n = rem.as_millis().clamp(1, 99_999_999) as u32;
+    let mut buf = [0u8; 10];
+    let mut i = 8;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let end = 8 + unit.len();
+    buf[8..end].copy_from_slice(unit);
+    HeaderValue::from_bytes(&buf[i..end]).unwrap_or_else(|_| HeaderValue::from_static("1ms"))
 }
 
 #[cfg(test)]
@@ -108,5 +118,10 @@ mod tests {
         assert_eq!(remaining_x_timeout(Duration::from_millis(2400)), "2400ms");
         assert_eq!(remaining_grpc_timeout(Duration::from_millis(70)), "70m");
         assert_eq!(remaining_x_timeout(Duration::ZERO), "1ms");
+        assert_eq!(
+            remaining_x_timeout(Duration::from_secs(1 << 40)),
+            "99999999ms"
+        );
+        assert_eq!(remaining_grpc_timeout(Duration::from_millis(10)), "10m");
     }
 }

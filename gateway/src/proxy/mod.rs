@@ -12,6 +12,7 @@ pub mod route;
 pub mod send;
 pub mod shape;
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
@@ -128,9 +129,8 @@ impl Worker {
     }
 
     /// Phase *outcome*, metrics: count the request under its serving cell.
-    fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64) {
+    fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64, now: u64) {
         let st = self.per_version(table);
-        let now = cellgate_health::now_ms();
         match cell.and_then(|c| st.metrics.get(usize::from(c))) {
             Some(m) => m.record(status, us, now),
             None => self.shared.metrics.no_cell.record(status, us, now),
@@ -210,7 +210,9 @@ pub async fn handle(
         started,
     };
     let result = proxy(worker, conn, &table, req, ctx).await;
-    let elapsed_us = started.elapsed().as_micros() as u64;
+    let ended = Instant::now();
+    let elapsed_us = ended.saturating_duration_since(started).as_micros() as u64;
+    let now = cellgate_health::ms_at(ended.into_std());
     if let (Some(exporter), Some(start_ns)) = (worker.shared.traces.as_ref(), start_ns) {
         if let Some((trace_id, span_id)) = ids::traceparent_ids(&traceparent) {
             let (status, cell) = match &result {
@@ -232,7 +234,7 @@ pub async fn handle(
     }
     match result {
         Ok((res, cell)) => {
-            worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us);
+            worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us, now);
             if let Some(path) = path_for_log {
                 tracing::debug!(request_id = ?request_id, %method, path, status = res.status().as_u16(),
                     cell = ?res.headers().get(X_CELL_ID), elapsed_us, "proxied");
@@ -240,7 +242,7 @@ pub async fn handle(
             res
         }
         Err((e, cell)) => {
-            worker.observe(&table, cell, e.status().as_u16(), elapsed_us);
+            worker.observe(&table, cell, e.status().as_u16(), elapsed_us, now);
             let cell_id = cell.and_then(|c| table.cell(c)).map(|c| &c.id_header);
             tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell_id,
                 client = %conn.peer, error = %e, "request failed");
@@ -370,7 +372,7 @@ async fn proxy(
         grpc,
         started,
     } = ctx;
-    let now = cellgate_health::now_ms();
+    let now = cellgate_health::ms_at(started.into_std());
     // Phase: admit.
     let class = SloClass::of(&req).map_err(|e| (e, None))?;
     let _in_flight = admit(&worker.shared, class).map_err(|e| {
@@ -443,10 +445,16 @@ async fn proxy(
     let mut answered = false;
     let mut crossed = false;
     let mut status_retries = 0u32;
-    let mut last_err = String::from("no instance of the cell is available");
+    let mut last_err: Cow<'static, str> = Cow::Borrowed("no instance of the cell is available");
     cell.health.budget_request(now);
-    for _ in 0..MAX_ATTEMPTS {
-        let now = cellgate_health::now_ms();
+    // The clock as last read: the first attempt goes out on the time read when the request
+    // arrived (microseconds ago); every later one reads it again.
+    let mut at = started;
+    for attempt in 0..MAX_ATTEMPTS {
+        if attempt > 0 {
+            at = Instant::now();
+        }
+        let now = cellgate_health::ms_at(at.into_std());
         let serving = cell.is_serving(now, p);
         let picked = if serving || !sent_any {
             worker.pick(table, cell_idx, tag, now, tried)
@@ -502,7 +510,7 @@ async fn proxy(
         let Some(i) = picked else { break };
         tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
         let inst = &cell.instances[i];
-        let rem = deadline.saturating_duration_since(Instant::now());
+        let rem = deadline.saturating_duration_since(at);
         if rem.is_zero() {
             return Err((
                 ProxyError::Deadline(budget.as_millis() as u64),
@@ -513,7 +521,7 @@ async fn proxy(
             break;
         };
         shape::set_remaining(r.headers_mut(), rem, grpc);
-        let sent_at = Instant::now();
+        let sent_at = at;
         inst.health.add_in_flight(1);
         cell.health.add_in_flight(1);
         let attempt = send::send(
@@ -527,7 +535,8 @@ async fn proxy(
         let outcome = tokio::time::timeout_at(deadline, attempt).await;
         inst.health.add_in_flight(-1);
         cell.health.add_in_flight(-1);
-        let now = cellgate_health::now_ms();
+        let done_at = Instant::now();
+        let now = cellgate_health::ms_at(done_at.into_std());
         let outcome = match outcome {
             Ok(o) => o,
             Err(_) => {
@@ -543,7 +552,7 @@ async fn proxy(
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
-                let latency_us = sent_at.elapsed().as_micros() as u64;
+                let latency_us = done_at.saturating_duration_since(sent_at).as_micros() as u64;
                 inst.health.record_rtt(latency_us, &p.weight);
                 inst.health.record_latency(now, latency_us);
                 let status = res.status().as_u16();
@@ -565,11 +574,11 @@ async fn proxy(
                     && cell.health.try_retry(now, &p.retry)
                 {
                     status_retries += 1;
-                    last_err = format!("upstream of cell {} answered {status}", cell.id);
+                    last_err = format!("upstream of cell {} answered {status}", cell.id).into();
                     let backoff = p.retry.backoff.mul_f64(
                         f64::from(1u32 << status_retries.min(6)) * (0.5 + fastrand::f64()),
                     );
-                    if Instant::now() + backoff < deadline {
+                    if done_at + backoff < deadline {
                         tokio::time::sleep(backoff).await;
                         continue;
                     }
@@ -591,7 +600,8 @@ async fn proxy(
                     "cannot connect to an instance of cell {}: {}",
                     cell.id,
                     e.kind()
-                );
+                )
+                .into();
                 req = Some(back);
             }
             Err(AttemptError::Upstream(e)) => {
@@ -613,22 +623,28 @@ async fn proxy(
                     p,
                 );
                 last_err = if e.is_timeout() {
-                    "upstream timed out".to_owned()
+                    "upstream timed out".into()
                 } else {
-                    format!("upstream of cell {} failed: {}", cell.id, brief(&e))
+                    format!("upstream of cell {} failed: {}", cell.id, brief(&e)).into()
                 };
                 if replay.is_none()
                     || status_retries + 1 >= p.retry.max_attempts
                     || !can_retry(cell, tried, now, p, crossed || answered)
                     || !cell.health.try_retry(now, &p.retry)
                 {
-                    return Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)));
+                    return Err((
+                        ProxyError::UpstreamFailed(last_err.into_owned()),
+                        Some(cell_idx),
+                    ));
                 }
                 status_retries += 1;
             }
         }
     }
-    Err((ProxyError::UpstreamFailed(last_err), Some(cell_idx)))
+    Err((
+        ProxyError::UpstreamFailed(last_err.into_owned()),
+        Some(cell_idx),
+    ))
 }
 
 /// Whether a sent request has somewhere to go again: another untried available instance of

@@ -71,12 +71,54 @@ impl Lease {
     }
 }
 
+/// Hashing for the pool's keys: configured upstream addresses, not client input, so a
+/// cheap multiplicative hash (two lookups per request) instead of SipHash.
+type AddrHash = std::hash::BuildHasherDefault<AddrHasher>;
+
+/// FxHash-style word mixing.
+#[derive(Default)]
+pub struct AddrHasher(u64);
+
+impl std::hash::Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
 /// Per-worker connection pool.
 #[derive(Default)]
 pub struct Pool {
     /// Idle HTTP/1.1 senders per address, with the pool age they were last given back at.
-    h1: HashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, u64)>>,
-    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>>,
+    h1: HashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, u64)>, AddrHash>,
+    h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>, AddrHash>,
     /// Incremented by every [`Pool::prune`]; no clock is read on the request path.
     age: u64,
 }

@@ -13,6 +13,11 @@ use super::deadline::{remaining_grpc_timeout, remaining_x_timeout};
 use super::headers::*;
 use super::ConnInfo;
 
+/// Headers the gateway may add to a request: X-Cell-ID, X-Routing-Version, X-Gray-Tag,
+/// X-Request-ID, traceparent, X-Forwarded-For, X-Forwarded-Proto, X-Timeout,
+/// grpc-timeout, Host.
+const ADDED_HEADERS: usize = 10;
+
 /// What the upstream request carries besides the client's headers.
 #[derive(Debug)]
 pub struct Shape<'a> {
@@ -33,6 +38,9 @@ pub struct Shape<'a> {
 /// Rewrite `headers` for the upstream.
 pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     strip_hop_by_hop(headers, true);
+    // Room for the headers added here and per attempt (X-Timeout, Host), at most one
+    // growth of the map instead of one per insert.
+    headers.reserve(ADDED_HEADERS);
     headers.insert(X_CELL_ID, s.cell.clone());
     headers.insert(X_ROUTING_VERSION, s.version.clone());
     match s.gray {
@@ -59,49 +67,72 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
 /// Remove hop-by-hop headers (and the ones `Connection` names). `keep_te_trailers` keeps
 /// `TE: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // One pass over the names first: most messages carry none of these.
-    if !headers.keys().any(|k| *k == TE || HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if let Some(conn) = headers.get(http::header::CONNECTION) {
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            if n != TE && n != X_CELL_ID {
-                headers.remove(n);
-            }
+    // One pass over the names, noting which hop-by-hop headers are present (bit i =
+    // HOP_BY_HOP[i], bit 7 = TE): most messages carry none, most others only `Connection`.
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if *k == TE {
+            present |= 1 << 7;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    if present == 0 {
+        return;
     }
-    let te_trailers = keep_te_trailers
-        && headers
-            .get(TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    headers.remove(TE);
-    if te_trailers {
-        headers.insert(TE, HeaderValue::from_static("trailers"));
+    if present & 1 != 0 {
+        // The names `Connection` lists go too; `keep-alive` and `close` (nearly every
+        // value) name nothing beyond the hop-by-hop set.
+        let listed = headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"close")
+            })
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .filter(|n| *n != TE && *n != X_CELL_ID && !HOP_BY_HOP.contains(n))
+            .collect::<Vec<_>>();
+        for n in listed {
+            headers.remove(n);
+        }
+    }
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
+    }
+    if present & (1 << 7) != 0 {
+        let te_trailers = keep_te_trailers
+            && headers
+                .get(TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        headers.remove(TE);
+        if te_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
 /// Set the URI and `Host` for the upstream protocol: origin-form plus `Host` for HTTP/1.1,
 /// absolute `http://authority/path` for HTTP/2.
 pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_authority: &str) {
-    let authority: Option<Authority> = uri
-        .authority()
-        .cloned()
-        .or_else(|| {
-            headers
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| h.parse().ok())
-        })
-        .or_else(|| fallback_authority.parse().ok());
+    // Parsed only where it is used: an HTTP/1.1 request that already has `Host` (nearly
+    // all) needs none.
+    let authority = |uri: &Uri, headers: &HeaderMap| -> Option<Authority> {
+        uri.authority()
+            .cloned()
+            .or_else(|| {
+                headers
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok())
+            })
+            .or_else(|| fallback_authority.parse().ok())
+    };
     let pq = uri
         .path_and_query()
         .cloned()
@@ -109,7 +140,7 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
     if h2 {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = authority;
+        parts.authority = authority(uri, headers);
         parts.path_and_query = Some(pq);
         if let Ok(u) = Uri::from_parts(parts) {
             *uri = u;
@@ -117,7 +148,9 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
         headers.remove(HOST);
     } else {
         if !headers.contains_key(HOST) {
-            if let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            if let Some(a) =
+                authority(uri, headers).and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
                 headers.insert(HOST, a);
             }
         }
@@ -168,6 +201,28 @@ mod tests {
         h.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h, true);
         assert!(h.get("te").is_none());
+
+        // Every Connection line counts; listed names go, X-Cell-ID and TE rules stay.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close"));
+        h.append(
+            "connection",
+            HeaderValue::from_static(" X-A ,, x-cell-id,te"),
+        );
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert("x-cell-id", HeaderValue::from_static("c1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.get("connection").is_none() && h.get("x-a").is_none());
+        assert!(h.get("te").is_none() && h.get("transfer-encoding").is_none());
+        assert_eq!(h.get("x-cell-id").map(|v| v.as_bytes()), Some(&b"c1"[..]));
+
+        // Nothing hop-by-hop: untouched.
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
