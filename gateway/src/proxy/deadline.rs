@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-use super::headers::{GRPC_TIMEOUT, X_TIMEOUT};
+use super::headers::{Seen, GRPC_TIMEOUT, X_TIMEOUT};
 use cellgate_routing::Timeouts;
 
 /// The request's deadline budget, or a message saying which header is malformed.
-pub fn budget(headers: &HeaderMap, t: &Timeouts) -> Result<Duration, String> {
-    let asked = if let Some(v) = headers.get(X_TIMEOUT) {
+pub fn budget(headers: &HeaderMap, seen: Seen, t: &Timeouts) -> Result<Duration, String> {
+    let asked = if let Some(v) = seen.get(headers, Seen::TIMEOUT, X_TIMEOUT) {
         let s = v
             .to_str()
             .map_err(|_| "X-Timeout is not ASCII".to_owned())?;
@@ -19,7 +19,7 @@ pub fn budget(headers: &HeaderMap, t: &Timeouts) -> Result<Duration, String> {
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| format!("X-Timeout {s:?} is not a duration such as 250ms or 2s"))?,
         )
-    } else if let Some(v) = headers.get(GRPC_TIMEOUT) {
+    } else if let Some(v) = seen.get(headers, Seen::GRPC_TIMEOUT, GRPC_TIMEOUT) {
         Some(grpc_timeout(v).ok_or_else(|| "grpc-timeout is malformed".to_owned())?)
     } else {
         None
@@ -92,24 +92,39 @@ mod tests {
     #[test]
     fn budgets() {
         let mut h = HeaderMap::new();
-        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(15)));
+        assert_eq!(
+            budget(&h, Seen::scan(&h), &t()),
+            Ok(Duration::from_secs(15))
+        );
         h.insert(X_TIMEOUT, HeaderValue::from_static("250ms"));
-        assert_eq!(budget(&h, &t()), Ok(Duration::from_millis(250)));
+        assert_eq!(
+            budget(&h, Seen::scan(&h), &t()),
+            Ok(Duration::from_millis(250))
+        );
         h.insert(X_TIMEOUT, HeaderValue::from_static("2s"));
-        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(2)));
+        assert_eq!(budget(&h, Seen::scan(&h), &t()), Ok(Duration::from_secs(2)));
         h.insert(X_TIMEOUT, HeaderValue::from_static("300s"));
-        assert_eq!(budget(&h, &t()), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            budget(&h, Seen::scan(&h), &t()),
+            Ok(Duration::from_secs(60))
+        );
         h.insert(X_TIMEOUT, HeaderValue::from_static("soon"));
-        assert!(budget(&h, &t()).is_err());
+        assert!(budget(&h, Seen::scan(&h), &t()).is_err());
         h.insert(X_TIMEOUT, HeaderValue::from_static("0ms"));
-        assert!(budget(&h, &t()).is_err());
+        assert!(budget(&h, Seen::scan(&h), &t()).is_err());
         let mut g = HeaderMap::new();
         g.insert(GRPC_TIMEOUT, HeaderValue::from_static("1500m"));
-        assert_eq!(budget(&g, &t()), Ok(Duration::from_millis(1500)));
+        assert_eq!(
+            budget(&g, Seen::scan(&g), &t()),
+            Ok(Duration::from_millis(1500))
+        );
         g.insert(GRPC_TIMEOUT, HeaderValue::from_static("2H"));
-        assert_eq!(budget(&g, &t()), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            budget(&g, Seen::scan(&g), &t()),
+            Ok(Duration::from_secs(60))
+        );
         g.insert(GRPC_TIMEOUT, HeaderValue::from_static("123456789S"));
-        assert!(budget(&g, &t()).is_err());
+        assert!(budget(&g, Seen::scan(&g), &t()).is_err());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use self::body::{ProxyBody, RequestBody, RequestBodyError};
 use self::error::ProxyError;
-use self::headers::{X_CELL_ID, X_REQUEST_ID};
+use self::headers::{Seen, X_CELL_ID, X_REQUEST_ID};
 use self::send::{AttemptError, Pool};
 use crate::server::Shared;
 use cellgate_health::Outcome;
@@ -171,9 +171,8 @@ impl tower::Service<Request<RequestBody>> for Proxy {
     }
 }
 
-fn is_grpc(req: &Request<RequestBody>) -> bool {
-    req.headers()
-        .get(CONTENT_TYPE)
+fn is_grpc(req: &Request<RequestBody>, seen: Seen) -> bool {
+    seen.get(req.headers(), Seen::CONTENT_TYPE, CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
@@ -185,15 +184,17 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let table = worker.shared.table.load_full();
-    let request_id = ids::request_id(req.headers().get(X_REQUEST_ID));
-    let grpc = is_grpc(&req);
+    let seen = Seen::scan(req.headers());
+    let request_id = ids::request_id(seen.get(req.headers(), Seen::REQUEST_ID, X_REQUEST_ID));
+    let grpc = is_grpc(&req, seen);
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let traceparent = ids::traceparent(req.headers().get(headers::TRACEPARENT));
+    let traceparent =
+        ids::traceparent(seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT));
     // The client's span, when this hop continues its trace (the exported span's parent).
     let span_parent = worker.shared.traces.as_ref().and_then(|_| {
-        let inbound = req.headers().get(headers::TRACEPARENT)?;
+        let inbound = seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT)?;
         let (trace, parent) = ids::traceparent_ids(inbound)?;
         let (ours, _) = ids::traceparent_ids(&traceparent)?;
         (trace == ours).then(|| parent.to_owned())
@@ -208,6 +209,7 @@ pub async fn handle(
         traceparent: &traceparent,
         grpc,
         started,
+        seen,
     };
     let result = proxy(worker, conn, &table, req, ctx).await;
     let ended = Instant::now();
@@ -269,10 +271,9 @@ pub enum SloClass {
 }
 
 impl SloClass {
-    fn of(req: &Request<RequestBody>) -> Result<Self, ProxyError> {
-        match req
-            .headers()
-            .get(headers::X_SLO_CLASS)
+    fn of(req: &Request<RequestBody>, seen: Seen) -> Result<Self, ProxyError> {
+        match seen
+            .get(req.headers(), Seen::SLO_CLASS, headers::X_SLO_CLASS)
             .map(|v| v.as_bytes())
         {
             None | Some(b"standard") => Ok(Self::Standard),
@@ -357,6 +358,8 @@ struct ReqCtx<'a> {
     traceparent: &'a HeaderValue,
     grpc: bool,
     started: Instant,
+    /// Which optional headers the request carries.
+    seen: Seen,
 }
 
 async fn proxy(
@@ -371,16 +374,18 @@ async fn proxy(
         traceparent,
         grpc,
         started,
+        seen,
     } = ctx;
     let now = cellgate_health::ms_at(started.into_std());
     // Phase: admit.
-    let class = SloClass::of(&req).map_err(|e| (e, None))?;
+    let class = SloClass::of(&req, seen).map_err(|e| (e, None))?;
     let _in_flight = admit(&worker.shared, class).map_err(|e| {
         worker.shared.metrics.shed(class as usize);
         (e, None)
     })?;
     // Phase: key + decide.
-    let routed = route::route(table, conn, req.uri(), req.headers(), now).map_err(|e| (e, None))?;
+    let routed =
+        route::route(table, conn, req.uri(), req.headers(), seen, now).map_err(|e| (e, None))?;
     let mut cell_idx = routed.cell();
     let Some(mut cell) = table.cell(cell_idx) else {
         return Err((
@@ -389,7 +394,7 @@ async fn proxy(
         ));
     };
     // Phase: shape.
-    let budget = deadline::budget(req.headers(), table.timeouts())
+    let budget = deadline::budget(req.headers(), seen, table.timeouts())
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
     let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
@@ -413,6 +418,7 @@ async fn proxy(
             request_id,
             conn,
             traceparent,
+            seen,
         },
     );
     shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);

@@ -5,7 +5,7 @@ use cellgate_routing::{CellIdx, DecideError, Decision, RouteInput, RoutingTable}
 use http::{HeaderMap, HeaderValue, Uri};
 
 use super::error::ProxyError;
-use super::headers::{X_CELL_ID, X_GRAY_TAG, X_REGION_HINT};
+use super::headers::{Seen, X_CELL_ID, X_GRAY_TAG, X_REGION_HINT};
 use super::ConnInfo;
 
 /// The outcome of routing a request.
@@ -30,10 +30,11 @@ pub fn route(
     conn: &ConnInfo,
     uri: &Uri,
     headers: &HeaderMap,
+    seen: Seen,
     now_ms: u64,
 ) -> Result<Routed, ProxyError> {
     let trusted = conn.trusted(table);
-    let forced_cell = match headers.get(X_CELL_ID) {
+    let forced_cell = match seen.get(headers, Seen::CELL_ID, X_CELL_ID) {
         Some(v) if trusted => {
             let id = v.to_str().unwrap_or_default();
             Some(table.cell_idx(id).ok_or_else(|| {
@@ -48,7 +49,9 @@ pub fn route(
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
     let input = RouteInput {
         key: key.as_deref(),
-        region_hint: headers.get(X_REGION_HINT).and_then(|v| v.to_str().ok()),
+        region_hint: seen
+            .get(headers, Seen::REGION_HINT, X_REGION_HINT)
+            .and_then(|v| v.to_str().ok()),
         client_ip: Some(conn.peer.ip()),
         forced_cell,
         now_ms,
@@ -61,7 +64,7 @@ pub fn route(
         ),
         DecideError::NoServingCell { .. } | DecideError::NoCellAnywhere => ProxyError::NoHealthyCell(e.to_string()),
     })?;
-    let gray = match headers.get(X_GRAY_TAG) {
+    let gray = match seen.get(headers, Seen::GRAY_TAG, X_GRAY_TAG) {
         Some(v) if trusted && !v.is_empty() => Some(v.clone()),
         _ => table
             .gray_rule(key.as_deref(), decision.cell, headers)

@@ -33,6 +33,8 @@ pub struct Shape<'a> {
     pub conn: &'a ConnInfo,
     /// This hop's `traceparent`.
     pub traceparent: &'a HeaderValue,
+    /// Which optional headers the client's request carries.
+    pub seen: Seen,
 }
 
 /// Rewrite `headers` for the upstream.
@@ -48,12 +50,18 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
             headers.insert(X_GRAY_TAG, g.clone());
         }
         None => {
-            headers.remove(X_GRAY_TAG);
+            if s.seen.has(Seen::GRAY_TAG) {
+                headers.remove(X_GRAY_TAG);
+            }
         }
     }
     headers.insert(X_REQUEST_ID, s.request_id.clone());
     headers.insert(TRACEPARENT, s.traceparent.clone());
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let xff = match s
+        .seen
+        .get(headers, Seen::FORWARDED_FOR, X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) if !prev.trim().is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text))
                 .unwrap_or_else(|_| s.conn.peer_ip.clone())
