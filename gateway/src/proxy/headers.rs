@@ -76,12 +76,12 @@ impl Seen {
 
     /// `headers.get(name)`, skipped when the scan saw no such name (`bit`).
     #[inline]
-    pub fn get<'a>(
+    pub fn get(
         self,
-        headers: &'a http::HeaderMap,
+        headers: &http::HeaderMap,
         bit: u16,
         name: HeaderName,
-    ) -> Option<&'a http::HeaderValue> {
+    ) -> Option<&http::HeaderValue> {
         if self.0 & bit == 0 {
             None
         } else {
