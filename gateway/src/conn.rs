@@ -208,6 +208,24 @@ impl HeadScan {
                     self.line_empty = false;
                     if self.first_line {
                         self.state = ScanState::Rest;
+                    } else if let Some(off) = memchr::memchr3(b':', b'\r', b'\n', &bytes[i..])
+                        .filter(|&off| bytes[i + off] == b':')
+                    {
+                        // The whole name is in this read (nearly always): compare it at
+                        // once instead of byte by byte.
+                        let rest = &bytes[i..i + off];
+                        let is = |want: &[u8]| {
+                            rest.len() + 1 == want.len()
+                                && b.eq_ignore_ascii_case(&want[0])
+                                && rest.eq_ignore_ascii_case(&want[1..])
+                        };
+                        if is(b"content-length") {
+                            self.content_length = self.content_length.saturating_add(1);
+                        } else if is(b"transfer-encoding") {
+                            self.transfer_encoding = self.transfer_encoding.saturating_add(1);
+                        }
+                        self.state = ScanState::Rest;
+                        i += off + 1;
                     } else {
                         self.state = ScanState::Name;
                         self.name_len = 1;
@@ -848,6 +866,7 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             b"GET /content-length:5 HTTP/1.1\r\nX-Note: transfer-encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding-X: y\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Lengt: 5\r\nTransfer-Encodings: y\r\nC: 1\r\n\r\n",
         ] {
             assert_eq!(scan_all_splits(head), None);
         }
@@ -858,6 +877,10 @@ mod tests {
         let cl_te = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTRANSFER-ENCODING: chunked\r\n\r\n";
         assert!(scan_all_splits(cl_te).is_some_and(|w| w.contains("Transfer-Encoding")));
         let dup = b"POST / HTTP/1.1\r\ncontent-length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(scan_all_splits(dup).is_some_and(|w| w.contains("more than one")));
+        let te_cl =
+            b"POST / HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\ncontent-LENGTH:5\r\n\r\n";
+        assert!(scan_all_splits(te_cl).is_some_and(|w| w.contains("Transfer-Encoding")));
         assert!(scan_all_splits(dup).is_some_and(|w| w.contains("more than one")));
         let lf = b"GET / HTTP/1.1\nHost: x\r\n\r\n";
         assert!(scan_all_splits(lf).is_some_and(|w| w.contains("bare LF")));

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's callgrind: a
+# deterministic figure for work on the hot path (CPU time on a shared 2-core machine moves
+# by ±10 % between runs; this moves by a few instructions).
+#
+#   benches/load/instructions.sh [cellgate binary]     # default: target/release/cellgate
+#
+# Three nginx upstreams (`return 200`, as in run.sh), cellgate with three one-instance cells
+# and one worker, run under callgrind; a Python client sends REQUESTS (default 20000)
+# keep-alive GETs over 10 connections, each with a different X-User-ID, and reads every
+# answer. Prints the instructions per request (start-up, ~2.5 M, included) and keeps the
+# callgrind profile for `callgrind_annotate --inclusive=yes <file>`.
+set -euo pipefail
+
+BIN=${1:-${CARGO_TARGET_DIR:-target}/release/cellgate}
+REQUESTS=${REQUESTS:-20000}
+OUT=${OUT:-bench-results/callgrind-$(date -u +%Y%m%dT%H%M%SZ).out}
+[[ -x $BIN ]] || { echo "no cellgate binary at $BIN (cargo build --release -p cellgate)" >&2; exit 1; }
+for tool in valgrind nginx python3 curl; do
+  command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y valgrind nginx python3 curl)" >&2; exit 1; }
+done
+mkdir -p "$(dirname "$OUT")"
+WORK=$(mktemp -d /tmp/cellgate-instr.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+read -r UP1 UP2 UP3 CG ADMIN <<<"$(python3 -c '
+import socket
+s=[socket.socket() for _ in range(5)]
+[x.bind(("127.0.0.1",0)) for x in s]
+print(" ".join(str(x.getsockname()[1]) for x in s))')"
+USER_LINE=
+[[ $(id -u) -eq 0 ]] && USER_LINE="user $(id -un) $(id -gn);"
+i=0
+for port in "$UP1" "$UP2" "$UP3"; do
+  i=$((i + 1)); d=$WORK/up$i; mkdir -p "$d/tmp"
+  cat >"$d/nginx.conf" <<EOF
+daemon off; master_process on; worker_processes 1; $USER_LINE
+pid $d/nginx.pid; error_log $d/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
+  client_body_temp_path $d/tmp; proxy_temp_path $d/tmp; fastcgi_temp_path $d/tmp;
+  uwsgi_temp_path $d/tmp; scgi_temp_path $d/tmp;
+  server { listen 127.0.0.1:$port; default_type text/plain; location / { return 200 "upstream-$i ok\n"; } }
+}
+EOF
+  nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
+  PIDS+=($!)
+done
+cat >"$WORK/cellgate.yaml" <<EOF
+listen:
+  http: 127.0.0.1:$CG
+admin:
+  listen: 127.0.0.1:$ADMIN
+  token: instructions
+routing:
+  key_sources:
+    - header: X-User-ID
+  anonymous:
+    policy: reject
+regions: [r1]
+cells:
+  - { id: c1, region: r1, failover: [c2], instances: [{ name: c1-a, addr: "127.0.0.1:$UP1" }] }
+  - { id: c2, region: r1, failover: [c3], instances: [{ name: c2-a, addr: "127.0.0.1:$UP2" }] }
+  - { id: c3, region: r1, failover: [c1], instances: [{ name: c3-a, addr: "127.0.0.1:$UP3" }] }
+EOF
+valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
+  "$BIN" run --config "$WORK/cellgate.yaml" --workers 1 >"$WORK/cellgate.log" 2>&1 &
+CG_PID=$!
+PIDS+=("$CG_PID")
+for _ in $(seq 150); do
+  curl -s -o /dev/null -H 'X-User-ID: warm' "http://127.0.0.1:$CG/" && break
+  kill -0 "$CG_PID" 2>/dev/null || { cat "$WORK/cellgate.log" >&2; exit 1; }
+  sleep 0.2
+done
+python3 - "$CG" "$REQUESTS" <<'PY'
+import random, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+random.seed(7)
+done = 0
+while done < n:
+    for s in conns:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-User-ID: user-%d\r\n\r\n" % random.randrange(16384))
+    for s in conns:
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                sys.exit("connection closed by the gateway")
+            buf += chunk
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if sep:
+                if not head.startswith(b"HTTP/1.1 200"):
+                    sys.exit("unexpected answer: %r" % head[:80])
+                cl = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+                if len(rest) >= cl:
+                    break
+    done += len(conns)
+PY
+kill -TERM "$CG_PID"
+wait "$CG_PID" || true
+total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT")
+echo "cellgate: $((total / REQUESTS)) instructions per request ($total over $REQUESTS requests); profile: $OUT"
