@@ -11,6 +11,8 @@
 # answer. Prints the instructions per request (start-up, ~2.5 M, included) and keeps the
 # callgrind profile for `callgrind_annotate --inclusive=yes <file>`.
 set -euo pipefail
+# shellcheck source=benches/load/cellgate-config.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cellgate-config.sh"
 
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/cellgate}
 REQUESTS=${REQUESTS:-20000}
@@ -54,23 +56,7 @@ EOF
   nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
   PIDS+=($!)
 done
-cat >"$WORK/cellgate.yaml" <<EOF
-listen:
-  http: 127.0.0.1:$CG
-admin:
-  listen: 127.0.0.1:$ADMIN
-  token: instructions
-routing:
-  key_sources:
-    - header: X-User-ID
-  anonymous:
-    policy: reject
-regions: [r1]
-cells:
-  - { id: c1, region: r1, failover: [c2], instances: [{ name: c1-a, addr: "127.0.0.1:$UP1" }] }
-  - { id: c2, region: r1, failover: [c3], instances: [{ name: c2-a, addr: "127.0.0.1:$UP2" }] }
-  - { id: c3, region: r1, failover: [c1], instances: [{ name: c3-a, addr: "127.0.0.1:$UP3" }] }
-EOF
+cellgate_config "$CG" "$ADMIN" instructions "$UP1" "$UP2" "$UP3" >"$WORK/cellgate.yaml"
 valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
   "$BIN" run --config "$WORK/cellgate.yaml" --workers 1 >"$WORK/cellgate.log" 2>&1 &
 CG_PID=$!
