@@ -51,8 +51,8 @@ pub const DRAIN_LINGER: Duration = Duration::from_millis(1000);
 
 /// Largest read and write buffer of one HTTP/1 connection (client side and upstream side):
 /// enough for bodies to stream at full speed (the client side's is raised to fit
-/// `limits.max_header_bytes` when that is larger), small enough that a few hundred busy connections after a burst do
-/// not hold hundreds of MiB.
+/// `limits.max_header_bytes` when that is larger), small enough that a few hundred busy
+/// connections after a burst do not hold hundreds of MiB.
 pub const MAX_CONN_BUF: usize = 64 * 1024;
 
 /// How long an HTTP/1 connection must be idle (no request in flight, nothing received)
@@ -881,7 +881,6 @@ mod tests {
         let te_cl =
             b"POST / HTTP/1.1\r\nHost: x\r\ntransfer-encoding: chunked\r\ncontent-LENGTH:5\r\n\r\n";
         assert!(scan_all_splits(te_cl).is_some_and(|w| w.contains("Transfer-Encoding")));
-        assert!(scan_all_splits(dup).is_some_and(|w| w.contains("more than one")));
         let lf = b"GET / HTTP/1.1\nHost: x\r\n\r\n";
         assert!(scan_all_splits(lf).is_some_and(|w| w.contains("bare LF")));
     }

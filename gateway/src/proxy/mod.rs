@@ -453,13 +453,14 @@ async fn proxy(
     let mut status_retries = 0u32;
     let mut last_err: Cow<'static, str> = Cow::Borrowed("no instance of the cell is available");
     cell.health.budget_request(now);
-    // The clock as last read: the first attempt goes out on the time read when the request
-    // arrived (microseconds ago); every later one reads it again.
-    let mut at = started;
     for attempt in 0..MAX_ATTEMPTS {
-        if attempt > 0 {
-            at = Instant::now();
-        }
+        // The first attempt goes out on the time read when the request arrived
+        // (microseconds ago); every later one reads the clock again.
+        let at = if attempt == 0 {
+            started
+        } else {
+            Instant::now()
+        };
         let now = cellgate_health::ms_at(at.into_std());
         let serving = cell.is_serving(now, p);
         let picked = if serving || !sent_any {
