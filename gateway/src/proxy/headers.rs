@@ -113,6 +113,28 @@ mod tests {
     use http::{HeaderMap, HeaderValue};
 
     #[test]
+    fn seen_knows_every_name_it_skips() {
+        let names = [
+            (Seen::REQUEST_ID, X_REQUEST_ID),
+            (Seen::TRACEPARENT, TRACEPARENT),
+            (Seen::SLO_CLASS, X_SLO_CLASS),
+            (Seen::CELL_ID, X_CELL_ID),
+            (Seen::REGION_HINT, X_REGION_HINT),
+            (Seen::GRAY_TAG, X_GRAY_TAG),
+            (Seen::TIMEOUT, X_TIMEOUT),
+            (Seen::GRPC_TIMEOUT, GRPC_TIMEOUT),
+            (Seen::CONTENT_TYPE, http::header::CONTENT_TYPE),
+            (Seen::FORWARDED_FOR, X_FORWARDED_FOR),
+        ];
+        for (bit, name) in names {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("v"));
+            assert_eq!(Seen::scan(&h), Seen(bit), "{name}");
+            assert!(Seen::scan(&h).get(&h, bit, name).is_some());
+        }
+    }
+
+    #[test]
     fn seen_skips_only_what_is_absent() {
         let mut h = HeaderMap::new();
         h.insert("x-user-id", HeaderValue::from_static("alice"));
