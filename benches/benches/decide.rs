@@ -9,6 +9,10 @@ use cellgate_routing::{RouteInput, SmoothWrr};
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Uri};
 
+// The gateway's allocator, so the table has the memory layout it has in production.
+#[global_allocator]
+static GLOBAL: cellgate::alloc::Mimalloc = cellgate::alloc::Mimalloc;
+
 fn decide(c: &mut Criterion) {
     let health = HealthRegistry::new();
     let table = big_table(1, 16384, 1000, 1_000_000, &health);

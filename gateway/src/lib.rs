@@ -41,6 +41,7 @@
 //! `cellgate ctl` ([`ctl`]) talks to the admin API.
 
 pub mod admin;
+pub mod alloc;
 pub mod audit;
 pub mod conn;
 pub mod control;
