@@ -14,6 +14,7 @@ mod decide;
 mod error;
 mod gray;
 mod key;
+mod overrides;
 mod slot;
 mod table;
 mod wrr;
@@ -22,6 +23,7 @@ pub use decide::{Decision, Explain, ExplainError, Reason, RouteInput};
 pub use error::{DecideError, KeyError, TableError};
 pub use gray::{GrayGuard, GrayMatch, GrayRule};
 pub use key::{JwtSource, JwtVerify, KeySource, KeySources, MAX_KEY_LEN};
+pub use overrides::Overrides;
 pub use slot::{slot_of, DEFAULT_SLOT_COUNT};
 pub use table::{
     AnonymousPolicy, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec,

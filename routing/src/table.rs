@@ -5,7 +5,6 @@
 //! except the shared, atomic health state of instances.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::error::TableError;
 use crate::gray::GrayRule;
 use crate::key::KeySources;
+use crate::overrides::Overrides;
 use crate::slot::DEFAULT_SLOT_COUNT;
 
 /// Index of a cell inside one table.
@@ -182,98 +182,6 @@ pub struct RoutingTable {
     pub(crate) gray: Arc<[GrayRule]>,
     pub(crate) timeouts: Timeouts,
     pub(crate) health: Arc<HealthPolicy>,
-}
-
-/// Hasher for keys that are already xxh3 hashes.
-#[derive(Default, Clone, Copy, Debug)]
-pub struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
-}
-
-/// Key → cell pins, indexed by the key's xxh3 hash (the one the slot is computed from), so
-/// a lookup costs no second hash. Keys are compared in full; colliding hashes chain.
-#[derive(Debug, Default)]
-pub struct Overrides {
-    map: HashMap<u64, OverrideEntry, BuildHasherDefault<IdentityHasher>>,
-    len: usize,
-}
-
-#[derive(Debug)]
-enum OverrideEntry {
-    One(Box<str>, CellIdx),
-    Many(Vec<(Box<str>, CellIdx)>),
-}
-
-impl Overrides {
-    /// Pin `key` (whose xxh3 is `hash`) to `cell`; a second pin of the same key replaces it.
-    pub fn insert(&mut self, hash: u64, key: &str, cell: CellIdx) {
-        use std::collections::hash_map::Entry;
-        match self.map.entry(hash) {
-            Entry::Vacant(v) => {
-                v.insert(OverrideEntry::One(key.into(), cell));
-                self.len += 1;
-            }
-            Entry::Occupied(mut o) => {
-                let e = o.get_mut();
-                match e {
-                    OverrideEntry::One(k, c) if &**k == key => *c = cell,
-                    OverrideEntry::One(k, c) => {
-                        *e = OverrideEntry::Many(vec![(std::mem::take(k), *c), (key.into(), cell)]);
-                        self.len += 1;
-                    }
-                    OverrideEntry::Many(v) => match v.iter_mut().find(|(k, _)| &**k == key) {
-                        Some((_, c)) => *c = cell,
-                        None => {
-                            v.push((key.into(), cell));
-                            self.len += 1;
-                        }
-                    },
-                }
-            }
-        }
-    }
-
-    /// The cell `key` (whose xxh3 is `hash`) is pinned to.
-    #[inline]
-    pub fn get(&self, hash: u64, key: &str) -> Option<CellIdx> {
-        match self.map.get(&hash)? {
-            OverrideEntry::One(k, c) => (&**k == key).then_some(*c),
-            OverrideEntry::Many(v) => v.iter().find(|(k, _)| &**k == key).map(|(_, c)| *c),
-        }
-    }
-
-    /// Number of pinned keys.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no key is pinned.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Every pin, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, CellIdx)> {
-        self.map.values().flat_map(|e| {
-            let v: Vec<(&str, CellIdx)> = match e {
-                OverrideEntry::One(k, c) => vec![(&**k, *c)],
-                OverrideEntry::Many(v) => v.iter().map(|(k, c)| (&**k, *c)).collect(),
-            };
-            v
-        })
-    }
 }
 
 impl RoutingTable {
@@ -715,7 +623,7 @@ impl TableBuilder {
             }
         }
 
-        let mut overrides = Overrides::default();
+        let mut overrides = Overrides::with_capacity(self.overrides.len());
         for (k, (key, cell)) in self.overrides.iter().enumerate() {
             crate::key::check_key(key)
                 .map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
@@ -725,7 +633,12 @@ impl TableBuilder {
                     format!("unknown cell {cell:?} for key {key:?}"),
                 ));
             };
-            overrides.insert(xxh3_64(key.as_bytes()), key, ci);
+            if !overrides.insert(xxh3_64(key.as_bytes()), key, ci) {
+                return Err(TableError::at(
+                    format!("overrides[{k}]"),
+                    "the override keys together exceed 4 GiB".to_string(),
+                ));
+            }
         }
 
         let anonymous = if self.anonymous_reject {
