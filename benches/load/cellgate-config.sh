@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by run.sh and instructions.sh: the one cellgate configuration both measure.
 #   cellgate_config <listen port> <admin port> <admin token> <upstream 1> <upstream 2> <upstream 3>
 # prints three one-instance cells (one per upstream port, each failing over to the next),

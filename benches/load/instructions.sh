@@ -3,21 +3,36 @@
 # deterministic figure for work on the hot path (CPU time on a shared 2-core machine moves
 # by ±10 % between runs; this moves by a few instructions).
 #
-#   benches/load/instructions.sh [cellgate binary]     # default: target/release/cellgate
+#   benches/load/instructions.sh [binary]       # default: target/release/cellgate
+#   TARGET=hyper benches/load/instructions.sh   # the bare hyper engine: target/release/hyper_floor
 #
-# Three nginx upstreams (`return 200`, as in run.sh), cellgate with three one-instance cells
-# and one worker, run under callgrind; a Python client sends REQUESTS (default 20000)
-# keep-alive GETs over 10 connections, each with a different X-User-ID, and reads every
-# answer. Prints the instructions per request (start-up, ~2.5 M, included) and keeps the
-# callgrind profile for `callgrind_annotate --inclusive=yes <file>`.
+# Three nginx upstreams (`return 200`, as in run.sh) and the target, run under callgrind:
+#   TARGET=cellgate (default)  cellgate with three one-instance cells and one worker;
+#   TARGET=hyper               benches/src/bin/hyper_floor.rs, run.sh's engine reference (a
+#                              minimal hyper 1.x proxy on one thread), same upstreams, so the
+#                              two counts compare the gateway with the engine it is built on.
+# A Python client sends REQUESTS (default 20000) keep-alive GETs over 10 connections, each
+# with a different X-User-ID, and reads every answer. Prints the instructions per request
+# (start-up included: ~2.5 M for cellgate) and keeps the callgrind profile for
+# `callgrind_annotate --inclusive=yes <file>`. BUILD=1 builds the target's release binary
+# first (default 0: use the existing one); CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 # shellcheck source=benches/load/cellgate-config.sh
 source "$(dirname "${BASH_SOURCE[0]}")/cellgate-config.sh"
 
-BIN=${1:-${CARGO_TARGET_DIR:-target}/release/cellgate}
+TARGET=${TARGET:-cellgate}
+BUILD=${BUILD:-0}
+case $TARGET in
+  cellgate) BUILD_CMD=(cargo build --release -p cellgate); BIN_NAME=cellgate ;;
+  hyper) BUILD_CMD=(cargo build --release -p cellgate-benches --bin hyper_floor); BIN_NAME=hyper_floor ;;
+  *) echo "TARGET must be cellgate or hyper (got '$TARGET')" >&2; exit 2 ;;
+esac
+[[ $BUILD == 0 || $BUILD == 1 ]] || { echo "BUILD must be 0 or 1" >&2; exit 2; }
+BIN=${1:-${CARGO_TARGET_DIR:-target}/release/$BIN_NAME}
 REQUESTS=${REQUESTS:-20000}
-OUT=${OUT:-bench-results/callgrind-$(date -u +%Y%m%dT%H%M%SZ).out}
-[[ -x $BIN ]] || { echo "no cellgate binary at $BIN (cargo build --release -p cellgate)" >&2; exit 1; }
+OUT=${OUT:-bench-results/callgrind-$TARGET-$(date -u +%Y%m%dT%H%M%SZ).out}
+if [[ $BUILD == 1 ]]; then "${BUILD_CMD[@]}" >&2 || { echo "${BUILD_CMD[*]} failed" >&2; exit 1; }; fi
+[[ -x $BIN ]] || { echo "no $BIN_NAME binary at $BIN (${BUILD_CMD[*]})" >&2; exit 1; }
 for tool in valgrind nginx python3 curl; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y valgrind nginx python3 curl)" >&2; exit 1; }
 done
@@ -56,14 +71,19 @@ EOF
   nginx -p "$d" -e "$d/error.log" -c "$d/nginx.conf" >"$d/stdout.log" 2>&1 &
   PIDS+=($!)
 done
-cellgate_config "$CG" "$ADMIN" instructions "$UP1" "$UP2" "$UP3" >"$WORK/cellgate.yaml"
+if [[ $TARGET == cellgate ]]; then
+  cellgate_config "$CG" "$ADMIN" instructions "$UP1" "$UP2" "$UP3" >"$WORK/cellgate.yaml"
+  ARGS=(run --config "$WORK/cellgate.yaml" --workers 1)
+else
+  ARGS=(--listen "127.0.0.1:$CG" --upstream "127.0.0.1:$UP1" --upstream "127.0.0.1:$UP2" --upstream "127.0.0.1:$UP3")
+fi
 valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
-  "$BIN" run --config "$WORK/cellgate.yaml" --workers 1 >"$WORK/cellgate.log" 2>&1 &
+  "$BIN" "${ARGS[@]}" >"$WORK/target.log" 2>&1 &
 CG_PID=$!
 PIDS+=("$CG_PID")
 for _ in $(seq 150); do
   curl -s -o /dev/null -H 'X-User-ID: warm' "http://127.0.0.1:$CG/" && break
-  kill -0 "$CG_PID" 2>/dev/null || { cat "$WORK/cellgate.log" >&2; exit 1; }
+  kill -0 "$CG_PID" 2>/dev/null || { cat "$WORK/target.log" >&2; exit 1; }
   sleep 0.2
 done
 python3 - "$CG" "$REQUESTS" <<'PY'
@@ -80,7 +100,7 @@ while done < n:
         while True:
             chunk = s.recv(65536)
             if not chunk:
-                sys.exit("connection closed by the gateway")
+                sys.exit("connection closed by the proxy")
             buf += chunk
             head, sep, rest = buf.partition(b"\r\n\r\n")
             if sep:
@@ -94,4 +114,5 @@ PY
 kill -TERM "$CG_PID"
 wait "$CG_PID" || true
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT")
-echo "cellgate: $((total / REQUESTS)) instructions per request ($total over $REQUESTS requests); profile: $OUT"
+[[ $total =~ ^[0-9]+$ ]] || { echo "no instruction total in $OUT" >&2; exit 1; }
+echo "$TARGET: $((total / REQUESTS)) instructions per request ($total over $REQUESTS requests); profile: $OUT"

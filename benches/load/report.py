@@ -20,8 +20,15 @@ import statistics
 import sys
 
 PEERS = ("nginx", "haproxy")
-ORDER = ("direct", "nginx", "haproxy", "cellgate")
+# The bare hyper engine (benches/src/bin/hyper_floor.rs): shown with its ratios, never a peer.
+REFERENCE = "hyper"
+ORDER = ("direct", "nginx", "haproxy", "hyper", "cellgate")
+LABELS = {REFERENCE: "hyper (engine)"}
 UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def label(target):
+    return LABELS.get(target, target)
 
 
 def dur_us(text):
@@ -197,7 +204,9 @@ def capacity(tsv):
     s = summarize(load(tsv), "h1", ())
     rps, _ = best_peer(s)
     if rps is None:  # no peer measured: fall back to the best proxy measured
-        vals = [v["rps"] for t, v in s.items() if t != "direct" and v["rps"]]
+        vals = [v["rps"] for t, v in s.items() if t not in ("direct", REFERENCE) and v["rps"]]
+        if not vals:
+            vals = [v["rps"] for t, v in s.items() if t != "direct" and v["rps"]]
         rps = max(vals) if vals else None
     print("%.0f" % rps if rps else "0")
 
@@ -223,7 +232,7 @@ def table(tsv, meta_path):
     w("")
     hidden = {"date", "duration", "rounds", "connections", "h2 duration", "fixed rate",
               "fixed rate basis", "h2 skipped", "fixed-rate skipped", "fixed connections",
-              "fixed client"}
+              "fixed client", "h2 not run for"}
     for k, v in meta:
         if k in hidden:  # used in the section texts below
             continue
@@ -245,12 +254,18 @@ def table(tsv, meta_path):
         for t, v in s.items():
             per_run = ", ".join(fmt_num(c, "%.1f") for c in v["cpu_all"]) if t != "direct" else "—"
             w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                t, fmt_num(v["rps"]), fmt_us(v["p50"]), fmt_us(v["p99"]),
+                label(t), fmt_num(v["rps"]), fmt_us(v["p50"]), fmt_us(v["p99"]),
                 fmt_num(v["cpu"], "%.1f") if t != "direct" else "— (no proxy)",
                 fmt_ratio(ratio(v["cpu"], bcpu)) if t != "direct" else "—",
                 fmt_ratio(ratio(v["rps"], brps)),
                 per_run, v["errors"], fmt_pct(v["other"])))
         w("")
+        if REFERENCE in s:
+            w("*%s* is a reference, not a peer: the bare engine cellgate is built on, a minimal "
+              "hyper 1.x proxy doing the same job (`benches/src/bin/hyper_floor.rs`: one thread, own "
+              "pool of upstream connections, mimalloc, no other feature), so the gap from it to "
+              "cellgate is the cost of cellgate's features; it is left out of the best-peer figures." % label(REFERENCE))
+            w("")
         w("*other load*: the most CPU that processes outside the benchmark (builds, ...) used during "
           "one of the runs, in % of one core; above ~10 % the req/s and latency figures of that run "
           "are disturbed (CPU µs/req much less so).")
@@ -258,7 +273,7 @@ def table(tsv, meta_path):
 
     # ---- HTTP/2 (h2load) -------------------------------------------------------
     s2 = summarize(runs, "h2", ("mean",))
-    if s2 or md.get("h2 skipped"):
+    if s2 or md.get("h2 skipped") or md.get("h2 not run for"):
         w("## HTTP/2 cleartext, prior knowledge (`h2load -c10 -m10 -D %s`)" % md.get("h2 duration", "?"))
         w("")
         w("h2load sends one fixed `X-User-ID` (it cannot vary headers per request), so every "
@@ -274,10 +289,15 @@ def table(tsv, meta_path):
             w("|---|---|---|---|---|---|---|---|")
             for t, v in s2.items():
                 w("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
-                    t, fmt_num(v["rps"]), fmt_us(v["mean"]),
+                    label(t), fmt_num(v["rps"]), fmt_us(v["mean"]),
                     fmt_num(v["cpu"], "%.1f") if t != "direct" else "— (no proxy)",
                     fmt_ratio(ratio(v["cpu"], bcpu)) if t != "direct" else "—",
                     fmt_ratio(ratio(v["rps"], brps)), v["errors"], fmt_pct(v["other"])))
+        if md.get("h2 not run for"):
+            if s2:
+                w("")
+            w("No h2c listener, not run over HTTP/2: %s." % ", ".join(
+                label(t) for t in md["h2 not run for"].split()))
         if md.get("h2 skipped"):
             w("")
             w("Not run over HTTP/2: %s" % md["h2 skipped"])
@@ -333,7 +353,7 @@ def table(tsv, meta_path):
                                                  fmt_num(fpy(t, "client_cpu_pct"), "%.0f %%"))
                 other = max([r["other_pct"] for r in by[t] if r.get("other_pct") is not None], default=None)
                 w("| %s | %s | %s | %s | %s | %s |%s %s | %s |" % (
-                    t, fmt_num(fm(t, "rps")), fmt_us(fm(t, "p50")), fmt_us(p99), added_s,
+                    label(t), fmt_num(fm(t, "rps")), fmt_us(fm(t, "p50")), fmt_us(p99), added_s,
                     fmt_num(fm(t, "cpu_us"), "%.1f") if t != "direct" else "—", extra, errs, fmt_pct(other)))
         if md.get("fixed-rate skipped"):
             w("")
@@ -357,7 +377,7 @@ def table(tsv, meta_path):
         else:
             lat50, lat99 = r.get("p50"), r.get("p99")
         w("| %d | %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            i, r["kind"], r["target"], r["round"], fmt_num(r.get("rps")), fmt_us(lat50), fmt_us(lat99),
+            i, r["kind"], label(r["target"]), r["round"], fmt_num(r.get("rps")), fmt_us(lat50), fmt_us(lat99),
             fmt_num(r.get("cpu_us"), "%.1f"), fmt_num(r.get("up_cpu_us"), "%.1f"), share(r["ups"]),
             fmt_num(r.get("new_conns"), "%d"),
             fmt_pct(r.get("client_pct")), fmt_pct(r.get("other_pct")),
@@ -367,7 +387,7 @@ def table(tsv, meta_path):
     if problems:
         w("**Runs with errors or no result:** " + ", ".join(
             "%s/%s round %d (non-2xx %s, socket errors %s; raw output %s)" % (
-                r["kind"], r["target"], r["round"], r.get("non2xx", 0), r.get("sockerr", 0), r["raw"])
+                r["kind"], label(r["target"]), r["round"], r.get("non2xx", 0), r.get("sockerr", 0), r["raw"])
             for r in problems))
         w("")
     print("\n".join(out))

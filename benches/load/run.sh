@@ -9,6 +9,10 @@
 #   direct    wrk straight to upstream 1 (the physical limit)
 #   nginx     hash $http_x_user_id consistent + keepalive, worker_processes 1
 #   haproxy   balance hdr(X-User-ID) + hash-type consistent + http-reuse always, nbthread 1
+#   hyper     target/release/hyper_floor (benches/src/bin/hyper_floor.rs): the bare hyper
+#             engine, a reference and not a peer: a minimal hyper 1.x proxy on one thread,
+#             own pool of upstream connections, mimalloc; HTTP/1.1 only (no h2c listener,
+#             so it sits out the HTTP/2 phase)
 #   cellgate  target/release/cellgate run --workers 1, three one-instance cells
 # and measures req/s, p50, p99 and CPU µs per request (utime+stime of the
 # proxy process(es) from /proc/<pid>/stat over the run / requests completed).
@@ -23,7 +27,7 @@
 #   ROUNDS=2            times each target is run (alternating), per phase
 #   CONNECTIONS=50      wrk connections of the closed-loop HTTP/1.1 runs
 #   WARMUP=2s           unrecorded wrk run per target before the first round (0 = none)
-#   TARGETS="direct nginx haproxy cellgate"   subset / order of targets
+#   TARGETS="direct nginx haproxy hyper cellgate"   subset / order of targets
 #   H2=1                run the HTTP/2 phase (0 = skip)
 #   H2_DURATION=$DURATION  h2load duration
 #   FIXED=1             run the fixed-rate phase (0 = skip)
@@ -33,9 +37,11 @@
 #                       benches/load/fixedrate.py (coordinated-omission corrected, but a Python
 #                       event loop cannot hold much more than ~10k req/s with sub-ms precision)
 #   FIXED_PROCS=1       client processes for FIXED_CLIENT=python
-#   BUILD=1             cargo build --release -p cellgate first (0 = use the existing binary)
-#   CELLGATE_BIN=       use this binary instead (implies BUILD=0)
-#   CARGO_TARGET_DIR    honoured for the build and for finding the binary (default: target/)
+#   BUILD=1             cargo build --release -p cellgate first, and -p cellgate-benches --bin
+#                       hyper_floor when hyper is a target (0 = use the existing binaries)
+#   CELLGATE_BIN=       use this cellgate binary instead (implies BUILD=0 for it)
+#   HYPER_BIN=          use this hyper_floor binary instead (implies BUILD=0 for it)
+#   CARGO_TARGET_DIR    honoured for the builds and for finding the binaries (default: target/)
 #   INSTALL=1           apt-get install missing nginx/haproxy/wrk/h2load/curl/python3 (0 = fail instead)
 #   QUIET_WAIT=15       before each run, wait up to this many seconds for other processes on the
 #                       machine (builds...) to use <= QUIET_MAX % (default 10) of one core; 0 = don't;
@@ -56,7 +62,7 @@ DURATION=${DURATION:-10s}
 ROUNDS=${ROUNDS:-2}
 CONNECTIONS=${CONNECTIONS:-50}
 WARMUP=${WARMUP:-2s}
-TARGETS=${TARGETS:-"direct nginx haproxy cellgate"}
+TARGETS=${TARGETS:-"direct nginx haproxy hyper cellgate"}
 H2=${H2:-1}
 H2_DURATION=${H2_DURATION:-$DURATION}
 FIXED=${FIXED:-1}
@@ -66,6 +72,7 @@ FIXED_CONNECTIONS=${FIXED_CONNECTIONS:-100}
 FIXED_PROCS=${FIXED_PROCS:-1}
 BUILD=${BUILD:-1}
 CELLGATE_BIN=${CELLGATE_BIN:-}
+HYPER_BIN=${HYPER_BIN:-}
 INSTALL=${INSTALL:-1}
 NICE=${NICE:-}
 QUIET_WAIT=${QUIET_WAIT:-15}
@@ -100,8 +107,9 @@ DUR_S=$(secs "$DURATION"); H2_DUR_S=$(secs "$H2_DURATION"); WARM_S=$(secs "$WARM
 [[ $FIXED_CONNECTIONS =~ ^[0-9]+$ && $FIXED_CONNECTIONS -ge 1 && $FIXED_CONNECTIONS -le 10000 ]] || die "FIXED_CONNECTIONS must be 1..10000"
 [[ $FIXED_PROCS =~ ^[0-9]+$ && $FIXED_PROCS -ge 1 && $FIXED_PROCS -le 16 ]] || die "FIXED_PROCS must be 1..16"
 for t in $TARGETS; do
-  case $t in direct|nginx|haproxy|cellgate) ;; *) die "unknown target '$t' (direct nginx haproxy cellgate)" ;; esac
+  case $t in direct|nginx|haproxy|hyper|cellgate) ;; *) die "unknown target '$t' (direct nginx haproxy hyper cellgate)" ;; esac
 done
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- tools ----
 need_pkgs=()
@@ -124,11 +132,11 @@ HZ=$(getconf CLK_TCK)
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # ---------------------------------------------------------------- build ----
+TDIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ $TDIR = /* ]] || TDIR=$ROOT/$TDIR
 if [[ -n $CELLGATE_BIN ]]; then
   BIN=$CELLGATE_BIN
 else
-  TDIR=${CARGO_TARGET_DIR:-$ROOT/target}
-  [[ $TDIR = /* ]] || TDIR=$ROOT/$TDIR
   BIN=$TDIR/release/cellgate
   if [[ $BUILD == 1 ]]; then
     log "cargo build --release -p cellgate (target dir $TDIR)"
@@ -136,6 +144,19 @@ else
   fi
 fi
 [[ -x $BIN ]] || die "cellgate binary not found at $BIN (build it or set CELLGATE_BIN)"
+HYPER=
+if has_target hyper; then
+  if [[ -n $HYPER_BIN ]]; then
+    HYPER=$HYPER_BIN
+  else
+    HYPER=$TDIR/release/hyper_floor
+    if [[ $BUILD == 1 ]]; then
+      log "cargo build --release -p cellgate-benches --bin hyper_floor (target dir $TDIR)"
+      cargo build --release -p cellgate-benches --bin hyper_floor >&2 || die "cargo build of hyper_floor failed"
+    fi
+  fi
+  [[ -x $HYPER ]] || die "hyper_floor binary not found at $HYPER (build it with cargo build --release -p cellgate-benches --bin hyper_floor, or set HYPER_BIN)"
+fi
 
 if [[ -n $NICE ]]; then
   renice -n "$NICE" -p $$ >/dev/null || die "renice -n $NICE failed (root needed for a negative niceness)"
@@ -300,7 +321,7 @@ LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 awk -v l="${LOAD0%% *}" -v n="$(nproc)" 'BEGIN { exit !(l > n / 2) }' \
   && log "warning: the machine is not idle (load average $LOAD0 on $(nproc) cores): figures will be noisy"
 # ------------------------------------------------------------ upstreams ----
-read -r UP1 UP2 UP3 ST1 ST2 ST3 UPH2 NGX NGX_H2 HAP HAP_H2 CG CG_ADMIN <<<"$(free_ports 13)"
+read -r UP1 UP2 UP3 ST1 ST2 ST3 UPH2 NGX NGX_H2 HAP HAP_H2 CG CG_ADMIN HYP <<<"$(free_ports 14)"
 UPS=("$UP1" "$UP2" "$UP3"); STATS=("$ST1" "$ST2" "$ST3")
 UP_PIDS=()
 for i in 0 1 2; do
@@ -422,6 +443,17 @@ EOF
     TPIDS[haproxy]=$pid
     PORT[haproxy]=$HAP; H2PORT[haproxy]=$HAP_H2
     ;;
+  hyper)
+    # the bare engine: HTTP/1.1 only, so no h2c port (H2PORT empty: skipped in the h2 phase)
+    d=$WORK/hyper; mkdir -p "$d"
+    "$HYPER" --listen "127.0.0.1:$HYP" --upstream "127.0.0.1:$UP1" --upstream "127.0.0.1:$UP2" \
+      --upstream "127.0.0.1:$UP3" >"$d/stdout.log" 2>"$d/stderr.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port "$HYP" hyper_floor "$pid"
+    TPIDS[hyper]=$pid
+    PORT[hyper]=$HYP; H2PORT[hyper]=
+    ;;
   cellgate)
     d=$WORK/cellgate; mkdir -p "$d"
     cellgate_config "$CG" "$CG_ADMIN" load-bench "$UP1" "$UP2" "$UP3" >"$d/cellgate.yaml"
@@ -437,20 +469,26 @@ EOF
   esac
 }
 
-# one request per target: must be 2xx (and cellgate must reject a keyless one)
+# one request per target: must be 2xx, also over h2c where the target has an h2c port
+# (and cellgate and hyper must reject a keyless one)
 smoke() {
   local t=$1 code
   code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H 'X-User-ID: smoke-1' "http://127.0.0.1:${PORT[$t]}/") || true
   [[ $code == 2* ]] || die "$t: smoke request answered '$code' (see $WORK)"
-  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --http2-prior-knowledge -H 'X-User-ID: smoke-1' "http://127.0.0.1:${H2PORT[$t]}/") || true
-  [[ $code == 2* ]] || die "$t: h2c smoke request answered '$code' (see $WORK)"
-  if [[ $t == cellgate ]]; then
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$CG/") || true
-    [[ $code == 4* ]] || log "note: cellgate answered '$code' to a keyless request (policy reject expects 4xx)"
+  if [[ -n ${H2PORT[$t]:-} ]]; then
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 --http2-prior-knowledge -H 'X-User-ID: smoke-1' "http://127.0.0.1:${H2PORT[$t]}/") || true
+    [[ $code == 2* ]] || die "$t: h2c smoke request answered '$code' (see $WORK)"
+  fi
+  if [[ $t == cellgate || $t == hyper ]]; then
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:${PORT[$t]}/") || true
+    [[ $code == 4* ]] || log "note: $t answered '$code' to a keyless request (4xx expected)"
   fi
 }
 
-for t in $TARGETS; do start_target "$t"; smoke "$t"; log "$t ready on 127.0.0.1:${PORT[$t]} (h2c ${H2PORT[$t]}) pids: ${TPIDS[$t]:-none}"; done
+for t in $TARGETS; do
+  start_target "$t"; smoke "$t"
+  log "$t ready on 127.0.0.1:${PORT[$t]} (h2c ${H2PORT[$t]:-none}) pids: ${TPIDS[$t]:-none}"
+done
 
 # --------------------------------------------------------------- report ----
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
@@ -521,10 +559,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 done
 
-# ---- HTTP/2 (h2c prior knowledge)
+# ---- HTTP/2 (h2c prior knowledge), targets with an h2c port only (not hyper)
+H2_NOT_RUN=
+for t in $TARGETS; do [[ -n ${H2PORT[$t]:-} ]] || H2_NOT_RUN+="${H2_NOT_RUN:+ }$t"; done
 if [[ $H2 == 1 ]]; then
+  [[ -n $H2_NOT_RUN ]] && log "h2: no h2c listener, not run: $H2_NOT_RUN"
   for ((r = 1; r <= ROUNDS; r++)); do
     for t in $TARGETS; do
+      [[ -n ${H2PORT[$t]:-} ]] || continue
       log "h2 round $r/$ROUNDS: $t (h2load ${H2_DUR_S}s)"
       measure h2 "$t" "$r" "$RAW/h2-$t-$r.txt" -- \
         timeout $((H2_DUR_S + 40)) h2load -c10 -m10 -t1 -D "$H2_DUR_S" --warm-up-time=1 \
@@ -596,6 +638,8 @@ cpu_share() {
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
   printf 'cellgate\t%s (%s)%s\n' "${BIN#"$ROOT"/}" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
     "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
+  [[ -n $HYPER ]] && printf 'engine reference\t%s: bare hyper %s + tokio, one thread, not a peer\n' "${HYPER#"$ROOT"/}" \
+    "$(awk '/^name = "hyper"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$ROOT/Cargo.lock" 2>/dev/null || echo '?')"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
     "$(nginx -v 2>&1 | sed 's/.*nginx\///')" "$(haproxy -v | awk 'NR==1{print $3}')" \
     "$(wrk -v 2>&1 | awk 'NR==1{print $2}')" "$(h2load --version 2>&1 | awk '{print $2}')"
@@ -609,6 +653,7 @@ cpu_share() {
   printf 'fixed client\t%s\n' "$FIXED_CLIENT"
   printf 'h2 duration\t%ss\n' "$H2_DUR_S"
   [[ -n $h2_skip ]] && printf 'h2 skipped\t%s\n' "$h2_skip"
+  [[ -z $h2_skip && -n $H2_NOT_RUN ]] && printf 'h2 not run for\t%s\n' "$H2_NOT_RUN"
   [[ $FIXED == 1 && -z $FIXED_NOTE ]] && printf 'fixed rate\t%s\n' "$FIXED_RATE" && printf 'fixed rate basis\t%s\n' "$FIXED_BASIS"
   [[ -n $FIXED_NOTE ]] && printf 'fixed-rate skipped\t%s\n' "$FIXED_NOTE"
   printf 'raw outputs\t%s\n' "${RAW#"$ROOT"/}"
