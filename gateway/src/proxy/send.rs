@@ -169,25 +169,15 @@ pub async fn send(
             .cloned();
         let mut sender = match existing {
             Some(s) => s,
-            None => {
-                let stream = match connect::open(addr, connect_timeout, tls, true).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(AttemptError::Connect(e, req)),
-                };
-                let (s, conn) = match http2::Builder::new(LocalExec)
-                    .timer(TokioTimer::new())
-                    .handshake(TokioIo::new(stream))
-                    .await
-                {
-                    Ok(x) => x,
-                    Err(e) => return Err(AttemptError::Connect(std::io::Error::other(e), req)),
-                };
-                tokio::task::spawn_local(async move {
-                    let _ = conn.await;
-                });
-                pool.borrow_mut().h2.insert(addr, s.clone());
-                s
-            }
+            // Boxed: a handshake's future is large and rare; inline, it would make every
+            // request's future (moved and allocated per request) carry its size.
+            None => match Box::pin(connect_h2(addr, connect_timeout, tls)).await {
+                Ok(s) => {
+                    pool.borrow_mut().h2.insert(addr, s.clone());
+                    s
+                }
+                Err(e) => return Err(AttemptError::Connect(e, req)),
+            },
         };
         return match sender.try_send_request(req).await {
             Ok(res) => Ok((res, None)),
@@ -213,7 +203,8 @@ pub async fn send(
     loop {
         let (mut sender, fresh) = match take_ready(pool, addr) {
             Some(s) => (s, false),
-            None => match connect_h1(addr, connect_timeout, tls).await {
+            // Boxed for the same reason as the h2c handshake above.
+            None => match Box::pin(connect_h1(addr, connect_timeout, tls)).await {
                 Ok(s) => (s, true),
                 Err(e) => return Err(AttemptError::Connect(e, req)),
             },
@@ -239,6 +230,25 @@ pub async fn send(
             },
         }
     }
+}
+
+/// A new h2c (or h2 over TLS) connection to `addr`, its connection task running on this
+/// worker.
+async fn connect_h2(
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> std::io::Result<http2::SendRequest<ProxyBody>> {
+    let stream = connect::open(addr, timeout, tls, true).await?;
+    let (sender, conn) = http2::Builder::new(LocalExec)
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// A new HTTP/1.1 connection to `addr`, its connection task running on this worker.
