@@ -545,6 +545,13 @@ pub struct Limits {
     /// Streams the gateway may reset because of client protocol errors before it closes the
     /// connection with GOAWAY (default 1024).
     pub h2_max_local_error_reset_streams: usize,
+    /// Idle HTTP/1.1 connections each worker keeps open to one upstream instance for reuse
+    /// (default 64, like nginx's `keepalive`; 0 = none, every request opens a connection).
+    /// Past it a connection is closed when its response ends, so more requests than this in
+    /// flight at once to one instance from one worker (an HTTP/2 client's streams fanned out
+    /// to HTTP/1.1 upstreams) open and close connections at that rate, each leaving a socket
+    /// in TIME_WAIT. Each idle connection holds ~44 KiB. Read at start.
+    pub upstream_idle_per_instance: usize,
 }
 
 impl Default for Limits {
@@ -562,6 +569,7 @@ impl Default for Limits {
             h2_connection_window: 2 * 1024 * 1024,
             h2_max_pending_accept_reset_streams: 20,
             h2_max_local_error_reset_streams: 1024,
+            upstream_idle_per_instance: 64,
         }
     }
 }

@@ -707,6 +707,13 @@ impl Limits {
             1,
             100_000,
         );
+        range(
+            is,
+            "upstream_idle_per_instance",
+            self.upstream_idle_per_instance as u64,
+            0,
+            100_000,
+        );
         for (path, v) in [
             ("header_read_timeout", &self.header_read_timeout),
             ("idle_timeout", &self.idle_timeout),

@@ -32,6 +32,7 @@ fn defaults_are_the_documented_safe_values() {
     assert_eq!(l.h2_connection_window, 2 << 20);
     assert_eq!(l.h2_max_pending_accept_reset_streams, 20);
     assert_eq!(l.h2_max_local_error_reset_streams, 1024);
+    assert_eq!(l.upstream_idle_per_instance, 64);
     assert_eq!(c.shutdown.grace_duration(), Duration::from_secs(30));
     assert!(c.admin.tls.is_none());
     assert!(c.cells[0].tls.is_none());
@@ -44,6 +45,7 @@ fn a_partial_limits_section_keeps_the_other_defaults() {
     ))
     .unwrap();
     assert_eq!(c.limits.max_body_bytes, 0, "0 means no body limit");
+    assert_eq!(c.limits.upstream_idle_per_instance, 64);
     assert_eq!(c.limits.idle_duration(), Duration::from_secs(300));
     assert_eq!(c.limits.max_headers, 100);
     assert_eq!(c.shutdown.grace_duration(), Duration::ZERO);
@@ -52,7 +54,7 @@ fn a_partial_limits_section_keeps_the_other_defaults() {
 #[test]
 fn out_of_range_limits_are_named_by_path() {
     let got = issues(
-        "limits:\n  max_header_bytes: 10\n  max_headers: 0\n  max_uri_bytes: 70000\n  max_connections: 0\n  h2_max_concurrent_streams: 0\n  h2_stream_window: 100\n  h2_connection_window: 4294967295\n  h2_max_pending_accept_reset_streams: 0\n  h2_max_local_error_reset_streams: 0\n  header_read_timeout: soon\n  idle_timeout: 0s\nshutdown: { grace: later }\n",
+        "limits:\n  max_header_bytes: 10\n  max_headers: 0\n  max_uri_bytes: 70000\n  max_connections: 0\n  h2_max_concurrent_streams: 0\n  h2_stream_window: 100\n  h2_connection_window: 4294967295\n  h2_max_pending_accept_reset_streams: 0\n  h2_max_local_error_reset_streams: 0\n  upstream_idle_per_instance: 100001\n  header_read_timeout: soon\n  idle_timeout: 0s\nshutdown: { grace: later }\n",
     );
     for path in [
         "limits.max_header_bytes: 10 is outside 1024-262144",
@@ -64,6 +66,7 @@ fn out_of_range_limits_are_named_by_path() {
         "limits.h2_connection_window: 4294967295",
         "limits.h2_max_pending_accept_reset_streams: 0",
         "limits.h2_max_local_error_reset_streams: 0",
+        "limits.upstream_idle_per_instance: 100001 is outside 0-100000",
         "limits.header_read_timeout: \"soon\"",
         "limits.idle_timeout: \"0s\"",
         "shutdown.grace: \"later\"",
@@ -73,7 +76,7 @@ fn out_of_range_limits_are_named_by_path() {
             "missing {path:?} in {got:#?}"
         );
     }
-    assert_eq!(got.len(), 12, "{got:#?}");
+    assert_eq!(got.len(), 13, "{got:#?}");
 }
 
 #[test]

@@ -536,6 +536,7 @@ impl Gateway {
         for n in 0..workers {
             let ctx = WorkerCtx {
                 shared: Arc::clone(&shared),
+                idle_per_instance: opts.config.limits.upstream_idle_per_instance,
                 settings: settings.clone(),
                 lifecycle: Arc::clone(&lifecycle),
                 release_memory: opts.release_memory,
@@ -716,6 +717,8 @@ async fn watch_certs(certs: Arc<CertReloader>, interval: Duration) {
 
 struct WorkerCtx {
     shared: Arc<Shared>,
+    /// `limits.upstream_idle_per_instance`.
+    idle_per_instance: usize,
     settings: ConnSettings,
     lifecycle: Arc<Lifecycle>,
     release_memory: Option<fn()>,
@@ -726,7 +729,7 @@ async fn worker_main(
     http: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, TlsAcceptor)>,
 ) {
-    let worker = Worker::new(Arc::clone(&ctx.shared));
+    let worker = Worker::with_pool(Arc::clone(&ctx.shared), ctx.idle_per_instance);
     let pruned = Rc::clone(&worker);
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(crate::proxy::send::POOL_PRUNE_EVERY);

@@ -84,9 +84,15 @@ struct WrrState {
 impl Worker {
     /// A worker over the shared state.
     pub fn new(shared: Arc<Shared>) -> Rc<Self> {
+        Self::with_pool(shared, send::DEFAULT_IDLE_PER_ADDR)
+    }
+
+    /// A worker keeping up to `idle_per_instance` idle HTTP/1.1 connections per upstream
+    /// instance (`limits.upstream_idle_per_instance`).
+    pub fn with_pool(shared: Arc<Shared>, idle_per_instance: usize) -> Rc<Self> {
         Rc::new(Self {
             shared,
-            pool: Rc::default(),
+            pool: Rc::new(RefCell::new(Pool::new(idle_per_instance))),
             wrr: RefCell::default(),
         })
     }

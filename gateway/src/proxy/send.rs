@@ -21,16 +21,17 @@ use super::connect;
 use crate::server::LocalExec;
 use crate::tls::UpstreamTls;
 
-/// Idle HTTP/1.1 connections kept per upstream address by one worker (like nginx's
+/// Idle HTTP/1.1 connections kept per upstream address by one worker when the
+/// configuration does not say (`limits.upstream_idle_per_instance`; like nginx's
 /// `keepalive 64`): enough for the HTTP/1.1 concurrency one worker sustains to one
 /// instance. Each idle upstream connection costs ~44 KiB of RSS (hyper's state and
 /// buffers), so a burst's surplus is closed when it is given back instead of staying
-/// resident. The price: more than 64 requests at once to one instance from one worker (an
-/// h2c client's 100 streams to one cell) close and reopen the surplus — measured at one new
-/// upstream connection per 14 requests. At 128 that churn stops, but 10,000 idle clients
-/// arriving in bursts of 500 left 407 idle upstream connections and took 63.2 MiB (the
-/// limit is 64), at 256 66 MiB.
-const MAX_IDLE_PER_ADDR: usize = 64;
+/// resident. The price: more than this many requests at once to one instance from one
+/// worker (an h2c client's 100 streams to one cell) close and reopen the surplus — measured
+/// at one new upstream connection per 14 requests. At 128 that churn stops, but 10,000 idle
+/// clients arriving in bursts of 500 left 407 idle upstream connections and took 63.2 MiB
+/// (64 MiB is the target for that case), at 256 66 MiB.
+pub const DEFAULT_IDLE_PER_ADDR: usize = 64;
 
 /// How often each worker ages its pool ([`Pool::prune`]).
 pub const POOL_PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -69,8 +70,9 @@ impl Lease {
     pub fn give_back(self) {
         let mut p = self.pool.borrow_mut();
         let age = p.age;
+        let max_idle = p.max_idle;
         let idle = p.h1.entry(self.addr).or_default();
-        if idle.len() < MAX_IDLE_PER_ADDR && !self.sender.is_closed() {
+        if idle.len() < max_idle && !self.sender.is_closed() {
             idle.push((self.sender, age));
         }
     }
@@ -119,16 +121,33 @@ impl std::hash::Hasher for AddrHasher {
 }
 
 /// Per-worker connection pool.
-#[derive(Default)]
 pub struct Pool {
     /// Idle HTTP/1.1 senders per address, with the pool age they were last given back at.
     h1: HashMap<SocketAddr, Vec<(http1::SendRequest<ProxyBody>, u64)>, AddrHash>,
     h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>, AddrHash>,
     /// Incremented by every [`Pool::prune`]; no clock is read on the request path.
     age: u64,
+    /// Idle HTTP/1.1 connections kept per address.
+    max_idle: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new(DEFAULT_IDLE_PER_ADDR)
+    }
 }
 
 impl Pool {
+    /// An empty pool keeping up to `max_idle` idle HTTP/1.1 connections per address.
+    pub fn new(max_idle: usize) -> Self {
+        Self {
+            h1: HashMap::default(),
+            h2: HashMap::default(),
+            age: 0,
+            max_idle,
+        }
+    }
+
     /// Age the pool by one tick and close HTTP/1.1 connections unused for [`IDLE_AGES`]
     /// ticks, and closed ones; forget addresses with nothing left.
     pub fn prune(&mut self) {
