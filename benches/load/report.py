@@ -203,10 +203,8 @@ def ratio(a, b):
 def capacity(tsv):
     s = summarize(load(tsv), "h1", ())
     rps, _ = best_peer(s)
-    if rps is None:  # no peer measured: fall back to the best proxy measured
+    if rps is None:  # no peer measured: fall back to cellgate (never the engine reference)
         vals = [v["rps"] for t, v in s.items() if t not in ("direct", REFERENCE) and v["rps"]]
-        if not vals:
-            vals = [v["rps"] for t, v in s.items() if t != "direct" and v["rps"]]
         rps = max(vals) if vals else None
     print("%.0f" % rps if rps else "0")
 

@@ -583,7 +583,11 @@ if [[ $FIXED == 1 ]]; then
   if [[ -z $FIXED_RATE ]]; then
     cap=$(python3 "$HERE/report.py" capacity "$RESULTS")
     FIXED_RATE=$((cap / 2))
-    FIXED_BASIS="half of the best peer's median closed-loop req/s, $cap"
+    if has_target nginx || has_target haproxy; then
+      FIXED_BASIS="half of the best peer's median closed-loop req/s, $cap"
+    else
+      FIXED_BASIS="half of cellgate's median closed-loop req/s (no peer ran), $cap"
+    fi
   else
     FIXED_BASIS="set by FIXED_RATE"
   fi

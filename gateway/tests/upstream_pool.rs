@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -18,7 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 /// An HTTP/1.1 upstream on loopback counting the connections that carried a proxied
-/// request (health probes, which carry no `X-Request-ID`, are not counted).
+/// request (health probes, which carry no `X-Request-ID`, are not counted). `/slow` is
+/// answered after 300 ms, so that requests to it overlap.
 struct CountingUpstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
@@ -47,7 +49,11 @@ async fn counting_upstream() -> CountingUpstream {
                     {
                         counted.fetch_add(1, Ordering::SeqCst);
                     }
-                    async {
+                    let slow = req.uri().path() == "/slow";
+                    async move {
+                        if slow {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
                             b"ok",
                         ))))
@@ -62,10 +68,8 @@ async fn counting_upstream() -> CountingUpstream {
     CountingUpstream { addr, conns, task }
 }
 
-/// Send `n` requests one after another through a one-worker gateway configured with
-/// `extra`; the upstream connections they used.
-async fn connections_for(n: usize, extra: &str) -> usize {
-    let up = counting_upstream().await;
+/// A one-worker gateway configured with `extra`, in front of `up`.
+fn gateway_for(up: &CountingUpstream, extra: &str) -> (Gateway, TempDir) {
     let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up.addr)])], extra);
     let dir = TempDir::new("upstream-pool");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
@@ -78,6 +82,14 @@ async fn connections_for(n: usize, extra: &str) -> usize {
         "--workers",
         "1",
     ]);
+    (gw, dir)
+}
+
+/// Send `n` requests one after another through a one-worker gateway configured with
+/// `extra`; the upstream connections they used.
+async fn connections_for(n: usize, extra: &str) -> usize {
+    let up = counting_upstream().await;
+    let (gw, _dir) = gateway_for(&up, extra);
     let mut client = H1::connect(gw.addr).await;
     for i in 0..n {
         let key = format!("user-{i}");
@@ -105,5 +117,38 @@ async fn no_idle_connections_are_kept_when_the_limit_is_zero() {
     assert_eq!(
         used, 20,
         "every request opens (and closes) its own connection"
+    );
+}
+
+/// Two slow requests at once, twice, through a one-worker gateway configured with `extra`;
+/// the upstream connections they used.
+async fn connections_for_two_pairs(extra: &str) -> usize {
+    let up = counting_upstream().await;
+    let (gw, _dir) = gateway_for(&up, extra);
+    for pair in 0..2 {
+        let (a, b) = tokio::join!(
+            get(gw.addr, "/slow", &[("x-user-id", "user-a")]),
+            get(gw.addr, "/slow", &[("x-user-id", "user-b")]),
+        );
+        assert_eq!(
+            (a.status.as_u16(), b.status.as_u16()),
+            (200, 200),
+            "pair {pair}"
+        );
+        // Both connections given back and ready again before the next pair.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    up.conns.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn the_limit_bounds_the_idle_connections_kept() {
+    // Two requests at once need two connections. At the default both are kept, and the
+    // second pair reuses them; at 1 the second is closed when its response ends, and the
+    // second pair opens one more.
+    assert_eq!(connections_for_two_pairs("").await, 2);
+    assert_eq!(
+        connections_for_two_pairs("limits:\n  upstream_idle_per_instance: 1\n").await,
+        3
     );
 }

@@ -47,11 +47,11 @@ fn key_of<'k>(keys: &'k str, e: &Entry) -> Option<&'k str> {
 }
 
 impl Overrides {
-    /// An empty set with room for `n` pins before its index grows.
-    pub(crate) fn with_capacity(n: usize) -> Self {
+    /// An empty set with room for `n` pins of `key_bytes` bytes in all before it grows.
+    pub(crate) fn with_capacity(n: usize, key_bytes: usize) -> Self {
         Self {
             index: HashTable::with_capacity(n),
-            keys: String::new(),
+            keys: String::with_capacity(key_bytes),
         }
     }
 
@@ -148,7 +148,7 @@ mod tests {
         // Every key under one hash: each must still find its own cell, and an unpinned key
         // with that hash must find none. (Room for all four up front: growing re-hashes
         // the keys with xxh3, which these made-up hashes are not.)
-        let mut o = Overrides::with_capacity(4);
+        let mut o = Overrides::with_capacity(4, 6);
         for (i, k) in ["x", "yy", "", "zzz"].iter().enumerate() {
             assert!(o.insert(7, k, i as CellIdx));
         }

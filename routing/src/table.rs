@@ -623,7 +623,10 @@ impl TableBuilder {
             }
         }
 
-        let mut overrides = Overrides::with_capacity(self.overrides.len());
+        let mut overrides = Overrides::with_capacity(
+            self.overrides.len(),
+            self.overrides.iter().map(|(k, _)| k.len()).sum(),
+        );
         for (k, (key, cell)) in self.overrides.iter().enumerate() {
             crate::key::check_key(key)
                 .map_err(|e| TableError::at(format!("overrides[{k}]"), e.to_string()))?;
