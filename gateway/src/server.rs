@@ -419,6 +419,39 @@ pub struct Gateway {
     exporter_task: Option<BoxTask>,
     config_digest: Option<u64>,
     control: crate::control::ControlRuntime,
+    /// Taken by [`Gateway::run_until_signal`].
+    main: Option<MainLoop>,
+}
+
+/// The main thread's runtime and the signals it serves. Set up before any worker accepts:
+/// a SIGTERM that arrives while the first requests are being served must drain the
+/// process, not kill it with the signal's default action.
+struct MainLoop {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl MainLoop {
+    fn new(release_memory: Option<fn()>) -> Result<Self, GatewayError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        if let Some(release) = release_memory {
+            b.on_thread_park(release_on_park(release));
+        }
+        let rt = b.enable_all().build().map_err(GatewayError::Runtime)?;
+        let _in = rt.enter();
+        let on = |kind| signal(kind).map_err(GatewayError::Runtime);
+        Ok(Self {
+            term: on(SignalKind::terminate())?,
+            int: on(SignalKind::interrupt())?,
+            usr2: on(SignalKind::user_defined2())?,
+            hup: on(SignalKind::hangup())?,
+            rt,
+        })
+    }
 }
 
 impl std::fmt::Debug for Gateway {
@@ -484,6 +517,7 @@ impl Gateway {
             .config_path
             .as_deref()
             .and_then(crate::reload::file_digest);
+        let main = MainLoop::new(opts.release_memory)?;
         let health = HealthRegistry::new();
         let boot = crate::control::boot(&opts, &health)?;
         let (traces, exporter_task) = match &opts.config.telemetry.otlp_endpoint {
@@ -581,6 +615,7 @@ impl Gateway {
             exporter_task,
             config_digest,
             control: boot.runtime,
+            main: Some(main),
         })
     }
 
@@ -588,17 +623,16 @@ impl Gateway {
     /// starts the new binary on the same sockets, SIGHUP (and file changes) reload the
     /// configuration; certificate files are watched too.
     pub fn run_until_signal(mut self) -> Result<(), GatewayError> {
-        let mut b = tokio::runtime::Builder::new_current_thread();
-        if let Some(release) = self.opts.release_memory {
-            b.on_thread_park(release_on_park(release));
-        }
-        let rt = b.enable_all().build().map_err(GatewayError::Runtime)?;
+        let MainLoop {
+            rt,
+            mut term,
+            mut int,
+            mut usr2,
+            hup,
+        } = self.main.take().ok_or_else(|| {
+            GatewayError::Runtime(std::io::Error::other("the gateway's main loop already ran"))
+        })?;
         rt.block_on(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).map_err(GatewayError::Runtime)?;
-            let mut int = signal(SignalKind::interrupt()).map_err(GatewayError::Runtime)?;
-            let mut usr2 = signal(SignalKind::user_defined2()).map_err(GatewayError::Runtime)?;
-            let hup = signal(SignalKind::hangup()).map_err(GatewayError::Runtime)?;
             let _control = &self.control;
             if let Some(path) = self
                 .opts

@@ -252,6 +252,31 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_the_moment_it_listens_drains_instead_of_killing() {
+    // A supervisor may stop a gateway just after it came up. The signal must already be
+    // handled then (drain, exit 0), not take its default action (killed by SIGTERM).
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "shutdown: { grace: 2s }\n",
+    );
+    let dir = TempDir::new("sigterm-early");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    for round in 0..3 {
+        // `start` returns as soon as the proxy listener is logged.
+        let mut gw = Gateway::start(&dir.path("c.yaml"));
+        signal(gw.child.id(), Signal::SIGTERM);
+        let (status, _) = wait_exit(&mut gw, Duration::from_secs(10)).expect("still running");
+        assert!(status.success(), "round {round}: exit {status}");
+        assert!(
+            gw.wait_log("SIGTERM: draining", Duration::from_secs(2))
+                .await,
+            "round {round}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_at_the_end_of_the_grace_period_and_sigint_at_once() {
     let up = upstream("a", "a-1");
     fault(up.addr, r#"{"delay_ms": 5000}"#).await;
