@@ -763,7 +763,7 @@ async fn worker_main(
     http: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, TlsAcceptor)>,
 ) {
-    let worker = Worker::with_pool(Arc::clone(&ctx.shared), ctx.idle_per_instance);
+    let worker = Worker::new(Arc::clone(&ctx.shared), ctx.idle_per_instance);
     let pruned = Rc::clone(&worker);
     tokio::task::spawn_local(async move {
         let mut tick = tokio::time::interval(crate::proxy::send::POOL_PRUNE_EVERY);

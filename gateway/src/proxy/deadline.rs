@@ -51,16 +51,16 @@ fn grpc_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// `X-Timeout` value for a remaining budget (whole milliseconds, at least 1).
 pub fn remaining_x_timeout(rem: Duration) -> HeaderValue {
-    ms_value(rem, b"ms")
+    ms_value(rem, "ms")
 }
 
 /// `grpc-timeout` value for a remaining budget.
 pub fn remaining_grpc_timeout(rem: Duration) -> HeaderValue {
-    ms_value(rem, b"m")
+    ms_value(rem, "m")
 }
 
 /// Whole milliseconds (1 to 99,999,999) followed by `unit`, formatted on the stack.
-fn ms_value(rem: Duration, unit: &[u8]) -> HeaderValue {
+fn ms_value(rem: Duration, unit: &'static str) -> HeaderValue {
     let mut n = rem.as_millis().clamp(1, 99_999_999) as u32;
     let mut buf = [0u8; 10];
     let mut i = 8;
@@ -73,8 +73,12 @@ fn ms_value(rem: Duration, unit: &[u8]) -> HeaderValue {
         }
     }
     let end = 8 + unit.len();
-    buf[8..end].copy_from_slice(unit);
-    HeaderValue::from_bytes(&buf[i..end]).unwrap_or_else(|_| HeaderValue::from_static("1ms"))
+    buf[8..end].copy_from_slice(unit.as_bytes());
+    // Digits and an ASCII unit are always a valid value; the fallback keeps the unit.
+    HeaderValue::from_bytes(&buf[i..end]).unwrap_or_else(|_| match unit {
+        "m" => HeaderValue::from_static("1m"),
+        _ => HeaderValue::from_static("1ms"),
+    })
 }
 
 #[cfg(test)]

@@ -82,14 +82,9 @@ struct WrrState {
 }
 
 impl Worker {
-    /// A worker over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Rc<Self> {
-        Self::with_pool(shared, send::DEFAULT_IDLE_PER_ADDR)
-    }
-
-    /// A worker keeping up to `idle_per_instance` idle HTTP/1.1 connections per upstream
-    /// instance (`limits.upstream_idle_per_instance`).
-    pub fn with_pool(shared: Arc<Shared>, idle_per_instance: usize) -> Rc<Self> {
+    /// A worker over the shared state, keeping up to `idle_per_instance` idle HTTP/1.1
+    /// connections per upstream instance (`limits.upstream_idle_per_instance`).
+    pub fn new(shared: Arc<Shared>, idle_per_instance: usize) -> Rc<Self> {
         Rc::new(Self {
             shared,
             pool: Rc::new(RefCell::new(Pool::new(idle_per_instance))),
@@ -534,7 +529,6 @@ async fn proxy(
             break;
         };
         shape::set_remaining(r.headers_mut(), rem, grpc);
-        let sent_at = at;
         inst.health.add_in_flight(1);
         cell.health.add_in_flight(1);
         let attempt = send::send(
@@ -565,7 +559,7 @@ async fn proxy(
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
-                let latency_us = done_at.saturating_duration_since(sent_at).as_micros() as u64;
+                let latency_us = done_at.saturating_duration_since(at).as_micros() as u64;
                 inst.health.record_rtt(latency_us, &p.weight);
                 inst.health.record_latency(now, latency_us);
                 let status = res.status().as_u16();

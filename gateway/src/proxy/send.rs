@@ -21,18 +21,6 @@ use super::connect;
 use crate::server::LocalExec;
 use crate::tls::UpstreamTls;
 
-/// Idle HTTP/1.1 connections kept per upstream address by one worker when the
-/// configuration does not say (`limits.upstream_idle_per_instance`; like nginx's
-/// `keepalive 64`): enough for the HTTP/1.1 concurrency one worker sustains to one
-/// instance. Each idle upstream connection costs ~44 KiB of RSS (hyper's state and
-/// buffers), so a burst's surplus is closed when it is given back instead of staying
-/// resident. The price: more than this many requests at once to one instance from one
-/// worker (an h2c client's 100 streams to one cell) close and reopen the surplus — measured
-/// at one new upstream connection per 14 requests. At 128 that churn stops, but 10,000 idle
-/// clients arriving in bursts of 500 left 407 idle upstream connections and took 63.2 MiB
-/// (64 MiB is the target for that case), at 256 66 MiB.
-pub const DEFAULT_IDLE_PER_ADDR: usize = 64;
-
 /// How often each worker ages its pool ([`Pool::prune`]).
 pub const POOL_PRUNE_EVERY: Duration = Duration::from_secs(5);
 
@@ -127,14 +115,15 @@ pub struct Pool {
     h2: HashMap<SocketAddr, http2::SendRequest<ProxyBody>, AddrHash>,
     /// Incremented by every [`Pool::prune`]; no clock is read on the request path.
     age: u64,
-    /// Idle HTTP/1.1 connections kept per address.
+    /// Idle HTTP/1.1 connections kept per address (`limits.upstream_idle_per_instance`,
+    /// default 64 like nginx's `keepalive 64`). Each costs ~44 KiB of RSS (hyper's state
+    /// and buffers), so a burst's surplus is closed when it is given back instead of
+    /// staying resident. The price: more requests than this at once to one instance from
+    /// one worker (an h2c client's 100 streams to one cell) close and reopen the surplus —
+    /// measured at one new upstream connection per 14 requests at 64. At 128 that churn
+    /// stops, but 10,000 idle clients arriving in bursts of 500 left 407 idle upstream
+    /// connections and took 63.2 MiB (64 MiB is the target for that case), at 256 66 MiB.
     max_idle: usize,
-}
-
-impl Default for Pool {
-    fn default() -> Self {
-        Self::new(DEFAULT_IDLE_PER_ADDR)
-    }
 }
 
 impl Pool {
