@@ -19,8 +19,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 /// An HTTP/1.1 upstream on loopback counting the connections that carried a proxied
-/// request (health probes, which carry no `X-Request-ID`, are not counted). `/slow` is
-/// answered after 300 ms, so that requests to it overlap.
+/// request (health probes, which carry no `X-Request-ID`, are not counted). A `/pair`
+/// request is answered only once a second one has arrived, so the two are in flight at
+/// once for certain.
 struct CountingUpstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
@@ -38,9 +39,11 @@ async fn counting_upstream() -> CountingUpstream {
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&conns);
+    let pairs = Arc::new(tokio::sync::Barrier::new(2));
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let counted = Arc::clone(&counted);
+            let pairs = Arc::clone(&pairs);
             let seen = Arc::new(AtomicBool::new(false));
             tokio::spawn(async move {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -49,10 +52,10 @@ async fn counting_upstream() -> CountingUpstream {
                     {
                         counted.fetch_add(1, Ordering::SeqCst);
                     }
-                    let slow = req.uri().path() == "/slow";
+                    let pair = (req.uri().path() == "/pair").then(|| Arc::clone(&pairs));
                     async move {
-                        if slow {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        if let Some(pairs) = pair {
+                            pairs.wait().await;
                         }
                         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
                             b"ok",
@@ -120,22 +123,29 @@ async fn no_idle_connections_are_kept_when_the_limit_is_zero() {
     );
 }
 
-/// Two slow requests at once, twice, through a one-worker gateway configured with `extra`;
-/// the upstream connections they used.
+/// Two requests at once, twice, through a one-worker gateway configured with `extra`; the
+/// upstream connections they used.
 async fn connections_for_two_pairs(extra: &str) -> usize {
     let up = counting_upstream().await;
     let (gw, _dir) = gateway_for(&up, extra);
     for pair in 0..2 {
-        let (a, b) = tokio::join!(
-            get(gw.addr, "/slow", &[("x-user-id", "user-a")]),
-            get(gw.addr, "/slow", &[("x-user-id", "user-b")]),
-        );
+        // The upstream answers neither before it holds both: a gateway sending them one
+        // after another on one connection would stall here, and the timeout says so.
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(
+                get(gw.addr, "/pair", &[("x-user-id", "user-a")]),
+                get(gw.addr, "/pair", &[("x-user-id", "user-b")]),
+            )
+        })
+        .await
+        .expect("both requests reached the upstream at once");
         assert_eq!(
             (a.status.as_u16(), b.status.as_u16()),
             (200, 200),
             "pair {pair}"
         );
-        // Both connections given back and ready again before the next pair.
+        // Let the gateway's upstream connection tasks see their responses end (they are
+        // ready for reuse from then on; nothing outside the gateway can observe it).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     up.conns.load(Ordering::SeqCst)
