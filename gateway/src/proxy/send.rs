@@ -72,7 +72,7 @@ type AddrHash = std::hash::BuildHasherDefault<AddrHasher>;
 
 /// FxHash-style word mixing.
 #[derive(Default)]
-pub struct AddrHasher(u64);
+struct AddrHasher(u64);
 
 impl std::hash::Hasher for AddrHasher {
     fn finish(&self) -> u64 {
