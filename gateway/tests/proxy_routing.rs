@@ -222,6 +222,146 @@ async fn h2c_prior_knowledge_is_routed_by_key() {
     }
 }
 
+/// Read one HTTP/2 frame: (type, flags, stream id, payload).
+async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.expect("frame header");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.expect("frame payload");
+    (head[3], head[4], stream, payload)
+}
+
+/// The HPACK representation of every field of a header block (RFC 7541 §6): `'i'` indexed,
+/// `'+'` literal with incremental indexing, `'-'` literal without indexing, `'n'` literal
+/// never indexed; dynamic table size updates are skipped.
+fn hpack_representations(mut b: &[u8]) -> String {
+    fn int(b: &mut &[u8], prefix: u32) -> usize {
+        let max = (1usize << prefix) - 1;
+        let mut v = usize::from(b[0]) & max;
+        *b = &b[1..];
+        if v == max {
+            let mut shift = 0;
+            loop {
+                let byte = b[0];
+                *b = &b[1..];
+                v += usize::from(byte & 0x7f) << shift;
+                shift += 7;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+            }
+        }
+        v
+    }
+    fn string(b: &mut &[u8]) {
+        let len = int(b, 7);
+        *b = &b[len..];
+    }
+    let mut out = String::new();
+    while !b.is_empty() {
+        let first = b[0];
+        if first & 0x80 != 0 {
+            int(&mut b, 7);
+            out.push('i');
+        } else if first & 0xe0 == 0x20 {
+            int(&mut b, 5);
+        } else {
+            let (prefix, kind) = match first {
+                f if f & 0xc0 == 0x40 => (6, '+'),
+                f if f & 0xf0 == 0x10 => (4, 'n'),
+                _ => (4, '-'),
+            };
+            if int(&mut b, prefix) == 0 {
+                string(&mut b);
+            }
+            string(&mut b);
+            out.push(kind);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_request_ids_are_sent_never_indexed() {
+    // A value unique to one response (X-Request-ID) must not go into the client's HPACK
+    // dynamic table, where each one would evict entries later responses reuse: the gateway
+    // sends it as a never-indexed literal, on answers and on its own errors alike.
+    use tokio::io::AsyncWriteExt;
+    let f = three_cells("");
+    let dir = TempDir::new("h2c-hpack");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // GET / on `gateway.test`: indexed :method GET, :scheme http, :path /; :authority and
+    // the other headers as literals without indexing (plain strings).
+    let request = |stream: u32, headers: &[(&str, &str)]| {
+        let mut block = vec![0x82, 0x86, 0x84, 0x01, 12];
+        block.extend_from_slice(b"gateway.test");
+        for (name, value) in headers {
+            block.extend_from_slice(&[0x00, name.len() as u8]);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[0x01, 0x05]); // HEADERS, END_STREAM | END_HEADERS
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(&block);
+        frame
+    };
+    let alice: &[(&str, &str)] = &[("x-user-id", "alice")];
+    let requests = [
+        (1, alice, 200),
+        (3, &[("x-user-id", "bob")][..], 200),
+        (5, alice, 200),
+        // The gateway's own error.
+        (
+            7,
+            &[("x-user-id", "carol"), ("x-slo-class", "urgent")][..],
+            400,
+        ),
+    ];
+    for (stream, headers, status) in requests {
+        s.write_all(&request(stream, headers)).await.unwrap();
+        let block = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let (kind, flags, id, payload) = read_frame(&mut s).await;
+                match kind {
+                    // The server's SETTINGS: acknowledge.
+                    0x04 if flags & 1 == 0 => s.write_all(b"\0\0\0\x04\x01\0\0\0\0").await.unwrap(),
+                    0x01 if id == stream => {
+                        assert_eq!(flags & 0x04, 0x04, "one HEADERS frame (no CONTINUATION)");
+                        assert_eq!(flags & 0x28, 0, "no padding or priority");
+                        break payload;
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("response HEADERS within 10 s");
+        // The :status is the first field; 200 and 400 are both in the static table.
+        let first = block[0];
+        assert_eq!(
+            first,
+            if status == 200 { 0x88 } else { 0x8c },
+            "status {status}"
+        );
+        let reps = hpack_representations(&block);
+        assert_eq!(
+            reps.matches('n').count(),
+            1,
+            "stream {stream}: exactly one never-indexed field (X-Request-ID) in {reps:?}"
+        );
+    }
+}
+
 fn tls_client_config(ca_der: Vec<u8>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots

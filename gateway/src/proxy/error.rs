@@ -99,7 +99,8 @@ impl ProxyError {
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             r
         };
-        res.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        res.headers_mut()
+            .insert(X_REQUEST_ID, super::ids::unindexed(request_id));
         res
     }
 }

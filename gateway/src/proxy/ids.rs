@@ -26,6 +26,16 @@ pub fn request_id(inbound: Option<&HeaderValue>) -> HeaderValue {
     HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
+/// `v` marked never-indexed for HPACK (RFC 7541 §7.1.3). For values unique to one request
+/// (request ids, trace context): indexing them would only churn an HTTP/2 connection's
+/// dynamic table, each insert evicting entries that later messages could have reused.
+/// HTTP/1.1 writes the value as usual.
+pub fn unindexed(v: &HeaderValue) -> HeaderValue {
+    let mut v = v.clone();
+    v.set_sensitive(true);
+    v
+}
+
 fn is_lower_hex(b: &[u8]) -> bool {
     b.iter()
         .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderValue, Uri};
 
 use super::deadline::{remaining_grpc_timeout, remaining_x_timeout};
 use super::headers::*;
+use super::ids::unindexed;
 use super::ConnInfo;
 
 /// Headers the gateway may add to a request: X-Cell-ID, X-Routing-Version, X-Gray-Tag,
@@ -55,8 +56,9 @@ pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
             }
         }
     }
-    headers.insert(X_REQUEST_ID, s.request_id.clone());
-    headers.insert(TRACEPARENT, s.traceparent.clone());
+    // Unique to this request: never indexed by an h2c upstream's HPACK table.
+    headers.insert(X_REQUEST_ID, unindexed(s.request_id));
+    headers.insert(TRACEPARENT, unindexed(s.traceparent));
     let xff = match s
         .seen
         .get(headers, Seen::FORWARDED_FOR, X_FORWARDED_FOR)
@@ -232,6 +234,49 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn per_request_ids_go_upstream_never_indexed() {
+        let conn = ConnInfo::new("127.0.0.1:5000".parse().expect("addr"), false);
+        let (cell, version) = (
+            HeaderValue::from_static("bj-1"),
+            HeaderValue::from_static("7"),
+        );
+        let id = HeaderValue::from_static("0af7651916cd43dd8448eb211c80319c");
+        let tp =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let mut h = HeaderMap::new();
+        h.insert("x-user-id", HeaderValue::from_static("alice"));
+        shape_headers(
+            &mut h,
+            &Shape {
+                cell: &cell,
+                version: &version,
+                gray: None,
+                request_id: &id,
+                conn: &conn,
+                traceparent: &tp,
+                seen: Seen::default(),
+            },
+        );
+        // An h2c upstream's HPACK encoder sends these as never-indexed literals.
+        for name in [X_REQUEST_ID, TRACEPARENT] {
+            let v = h.get(&name).expect("added");
+            assert!(v.is_sensitive(), "{name}");
+        }
+        assert_eq!(h[X_REQUEST_ID], id);
+        assert_eq!(h[TRACEPARENT], tp);
+        // Values shared by many requests stay indexable.
+        for name in [
+            X_CELL_ID,
+            X_ROUTING_VERSION,
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+        ] {
+            assert!(!h[&name].is_sensitive(), "{name}");
+        }
+        assert_eq!(h["x-user-id"], "alice");
     }
 
     #[test]
