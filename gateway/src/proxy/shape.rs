@@ -80,17 +80,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     // One pass over the names, noting which hop-by-hop headers are present (bit i =
     // HOP_BY_HOP[i], bit 7 = TE): most messages carry none, most others only `Connection`.
     let mut present = 0u8;
-    for k in headers.keys() {
+    // Whether every `Connection` value is a bare `keep-alive` (what nearly every upstream
+    // response carries): it names no header, so there is nothing to parse.
+    let mut connection_names_none = true;
+    for (k, v) in headers.iter() {
         if *k == TE {
             present |= 1 << 7;
         } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
             present |= 1 << i;
+            if i == 0 {
+                let v = v.as_bytes();
+                connection_names_none &= v.eq_ignore_ascii_case(b"keep-alive");
+            }
         }
     }
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
+    if present & 1 != 0 && !connection_names_none {
         // The names `Connection` lists go too; `keep-alive` (nearly every value) is in the
         // hop-by-hop set already, so it costs no parse.
         let listed = headers
@@ -228,6 +235,22 @@ mod tests {
         );
         assert!(h.get("te").is_none() && h.get("transfer-encoding").is_none());
         assert_eq!(h.get("x-cell-id").map(|v| v.as_bytes()), Some(&b"c1"[..]));
+
+        // A lone `Connection: keep-alive` (nearly every upstream response) goes, and names
+        // nothing; a lone `Connection: close` still removes a header of that name.
+        for (value, close_kept) in [("Keep-Alive", true), ("close", false)] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(value));
+            h.insert("close", HeaderValue::from_static("1"));
+            h.insert("content-length", HeaderValue::from_static("3"));
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get("connection").is_none(), "{value}");
+            assert_eq!(h.get("close").is_some(), close_kept, "{value}");
+            assert_eq!(
+                h.get("content-length").map(|v| v.as_bytes()),
+                Some(&b"3"[..])
+            );
+        }
 
         // Nothing hop-by-hop: untouched.
         let mut h = HeaderMap::new();
