@@ -5,6 +5,7 @@
 #
 #   benches/load/instructions.sh [binary]       # default: target/release/cellgate
 #   TARGET=hyper benches/load/instructions.sh   # the bare hyper engine: target/release/hyper_floor
+#   PROTO=h2c benches/load/instructions.sh      # cellgate's HTTP/2 (h2c) path instead
 #
 # Three nginx upstreams (`return 200`, as in run.sh) and the target, run under callgrind:
 #   TARGET=cellgate (default)  cellgate with three one-instance cells and one worker;
@@ -12,7 +13,9 @@
 #                              minimal hyper 1.x proxy on one thread), same upstreams, so the
 #                              two counts compare the gateway with the engine it is built on.
 # A Python client sends REQUESTS (default 20000) keep-alive GETs over 10 connections, each
-# with a different X-User-ID, and reads every answer. Prints the instructions per request
+# with a different X-User-ID, and reads every answer. PROTO=h2c (cellgate only: the engine
+# reference has no h2c listener) sends them with h2load instead, as run.sh's HTTP/2 phase
+# does: 10 connections × 10 streams, prior knowledge, one X-User-ID. Prints the instructions per request
 # (start-up included: ~2.5 M for cellgate) and keeps the callgrind profile for
 # `callgrind_annotate --inclusive=yes <file>`. BUILD=1 builds the target's release binary
 # first (default 0: use the existing one); CARGO_TARGET_DIR is honoured.
@@ -22,6 +25,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/cellgate-config.sh"
 
 TARGET=${TARGET:-cellgate}
 BUILD=${BUILD:-0}
+PROTO=${PROTO:-http1}
+[[ $PROTO == http1 || $PROTO == h2c ]] || { echo "PROTO must be http1 or h2c (got '$PROTO')" >&2; exit 2; }
+[[ $PROTO == http1 || $TARGET == cellgate ]] || { echo "PROTO=h2c needs TARGET=cellgate (hyper_floor has no h2c listener)" >&2; exit 2; }
 case $TARGET in
   cellgate) BUILD_CMD=(cargo build --release -p cellgate); BIN_NAME=cellgate ;;
   hyper) BUILD_CMD=(cargo build --release -p cellgate-benches --bin hyper_floor); BIN_NAME=hyper_floor ;;
@@ -30,12 +36,15 @@ esac
 [[ $BUILD == 0 || $BUILD == 1 ]] || { echo "BUILD must be 0 or 1" >&2; exit 2; }
 BIN=${1:-${CARGO_TARGET_DIR:-target}/release/$BIN_NAME}
 REQUESTS=${REQUESTS:-20000}
-OUT=${OUT:-bench-results/callgrind-$TARGET-$(date -u +%Y%m%dT%H%M%SZ).out}
+OUT=${OUT:-bench-results/callgrind-$TARGET-$PROTO-$(date -u +%Y%m%dT%H%M%SZ).out}
 if [[ $BUILD == 1 ]]; then "${BUILD_CMD[@]}" >&2 || { echo "${BUILD_CMD[*]} failed" >&2; exit 1; }; fi
 [[ -x $BIN ]] || { echo "no $BIN_NAME binary at $BIN (${BUILD_CMD[*]})" >&2; exit 1; }
 for tool in valgrind nginx python3 curl; do
   command -v "$tool" >/dev/null || { echo "needs $tool (apt-get install -y valgrind nginx python3 curl)" >&2; exit 1; }
 done
+if [[ $PROTO == h2c ]]; then
+  command -v h2load >/dev/null || { echo "needs h2load (apt-get install -y nghttp2-client)" >&2; exit 1; }
+fi
 mkdir -p "$(dirname "$OUT")"
 WORK=$(mktemp -d /tmp/cellgate-instr.XXXXXX)
 PIDS=()
@@ -86,6 +95,12 @@ for _ in $(seq 150); do
   kill -0 "$CG_PID" 2>/dev/null || { cat "$WORK/target.log" >&2; exit 1; }
   sleep 0.2
 done
+if [[ $PROTO == h2c ]]; then
+  h2load -n "$REQUESTS" -c10 -m10 -H 'X-User-ID: user-1' "http://127.0.0.1:$CG/" >"$WORK/h2load.txt" 2>&1 ||
+    { cat "$WORK/h2load.txt" >&2; exit 1; }
+  grep -q "^requests: $REQUESTS total, $REQUESTS started, $REQUESTS done, $REQUESTS succeeded" "$WORK/h2load.txt" ||
+    { echo "h2load: not every request succeeded:" >&2; grep '^requests:\|^status codes:' "$WORK/h2load.txt" >&2; exit 1; }
+else
 python3 - "$CG" "$REQUESTS" <<'PY'
 import random, socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -111,8 +126,9 @@ while done < n:
                     break
     done += len(conns)
 PY
+fi
 kill -TERM "$CG_PID"
 wait "$CG_PID" || true
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$OUT")
 [[ $total =~ ^[0-9]+$ ]] || { echo "no instruction total in $OUT" >&2; exit 1; }
-echo "$TARGET: $((total / REQUESTS)) instructions per request ($total over $REQUESTS requests); profile: $OUT"
+echo "$TARGET ($PROTO): $((total / REQUESTS)) instructions per request ($total over $REQUESTS requests); profile: $OUT"
