@@ -152,6 +152,7 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
                 .get(CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             tracing::debug!(request_id = ?request_id, status = e.status().as_u16(), error = %e, "request refused by the guard");
+            self.proxy.count_unrouted(e.status().as_u16());
             let res = e.into_response(&request_id, grpc);
             return GuardFuture {
                 state: State::Ready(Some(res)),
