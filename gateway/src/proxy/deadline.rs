@@ -51,7 +51,25 @@ fn grpc_timeout(v: &HeaderValue) -> Option<Duration> {
 
 /// `X-Timeout` value for a remaining budget (whole milliseconds, at least 1).
 pub fn remaining_x_timeout(rem: Duration) -> HeaderValue {
-    ms_value(rem, "ms")
+    thread_local! {
+        /// The last value made on this thread. Nearly every request carries the same
+        /// budget (the route's default) and its first attempt leaves with all of it, so
+        /// the value is shared instead of formatted and allocated per request.
+        static LAST: std::cell::RefCell<Option<(u128, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let ms = rem.as_millis();
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == ms => v.clone(),
+            _ => {
+                let v = ms_value(rem, "ms");
+                *last = Some((ms, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// `grpc-timeout` value for a remaining budget.
@@ -135,6 +153,13 @@ mod tests {
     fn remaining_formats() {
         assert_eq!(remaining_x_timeout(Duration::from_micros(1500)), "1ms");
         assert_eq!(remaining_x_timeout(Duration::from_millis(2400)), "2400ms");
+        // The value shared between requests of one budget never answers for another.
+        for ms in [2400u64, 2400, 15000, 2400, 7, 7, 15000] {
+            assert_eq!(
+                remaining_x_timeout(Duration::from_millis(ms)),
+                format!("{ms}ms").as_str()
+            );
+        }
         assert_eq!(remaining_grpc_timeout(Duration::from_millis(70)), "70m");
         assert_eq!(remaining_x_timeout(Duration::ZERO), "1ms");
         assert_eq!(

@@ -5,10 +5,15 @@ use http::HeaderValue;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn hex_into(out: &mut [u8], mut v: u128) {
-    for b in out.iter_mut().rev() {
-        *b = HEX[(v & 0xf) as usize];
-        v >>= 4;
+/// The low `out.len() / 2` bytes of `v` as lowercase hex, most significant first (`out` has
+/// an even length of at most 32).
+fn hex_into(out: &mut [u8], v: u128) {
+    debug_assert!(out.len().is_multiple_of(2) && out.len() <= 32);
+    let bytes = v.to_be_bytes();
+    let from = 16 - out.len() / 2;
+    for (pair, b) in out.chunks_exact_mut(2).zip(&bytes[from..]) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
 }
 
@@ -92,6 +97,19 @@ pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_digits_most_significant_first() {
+        let mut out = [0u8; 32];
+        hex_into(&mut out, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(&out, b"0123456789abcdeffedcba9876543210");
+        let mut out = [0u8; 16];
+        hex_into(&mut out, u128::from(0x00f0_67aa_0ba9_02b7u64));
+        assert_eq!(&out, b"00f067aa0ba902b7");
+        let mut out = [0u8; 4];
+        hex_into(&mut out, 0xffff_abcd);
+        assert_eq!(&out, b"abcd", "only the low bytes that fit");
+    }
 
     #[test]
     fn request_id_kept_or_made() {
