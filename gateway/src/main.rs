@@ -13,12 +13,16 @@ static GLOBAL: cellgate::alloc::Mimalloc = cellgate::alloc::Mimalloc;
 
 /// Hands memory mimalloc holds but no longer uses back to the OS, for the calling thread.
 /// mimalloc purges freed pages only from inside its own calls, so a quiet worker (say, one
-/// whose connections are all idle and parked) would keep them resident.
+/// whose connections are all idle and parked) would keep them resident. Forced: an
+/// unforced collect skips pages freed within mimalloc's purge delay, and a worker that
+/// parks right after freeing them may not park (nor collect) again for as long as it stays
+/// quiet; that left 20–30 % of a burst's memory resident at random. Called at most every
+/// `MEMORY_RELEASE_EVERY` per thread, when it goes idle, so its cost is off the hot path.
 #[allow(unsafe_code)]
 fn release_memory() {
     // SAFETY: `mi_collect` has no preconditions; it walks the calling thread's own heap and
     // returns fully free pages to the OS.
-    unsafe { libmimalloc_sys::mi_collect(false) }
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// cellgate: routes every user to their home cell, and keeps doing so while cells fail.
