@@ -154,14 +154,13 @@ impl Proxy {
             conn: Rc::new(conn),
         }
     }
-}
 
-impl Proxy {
     /// Count an answer given before any routing (a request the guard refused: limits,
     /// smuggling defence) in the metrics, under `cell="none"` as the proxy counts its own
     /// answers to requests it could not route.
     pub fn count_unrouted(&self, status: u16) {
-        (self.worker.shared.metrics.no_cell).record(status, 0, cellgate_health::now_ms());
+        let metrics = &self.worker.shared.metrics;
+        metrics.no_cell.record(status, 0, cellgate_health::now_ms());
     }
 }
 
