@@ -154,6 +154,17 @@ impl HeadScan {
     fn feed(&mut self, bytes: &[u8]) {
         let mut i = 0;
         while i < bytes.len() {
+            // At a line start with nothing of the line seen, a line that is whole in this
+            // read (nearly all) is looked at once; the byte-wise machine below takes the
+            // rest, and the lines `whole_line` declines.
+            if self.state == ScanState::LineStart && !self.prev_cr {
+                if let Some(off) = memchr::memchr(b'\n', &bytes[i..]) {
+                    if self.whole_line(&bytes[i..i + off]) {
+                        i += off + 1;
+                        continue;
+                    }
+                }
+            }
             match self.state {
                 ScanState::Done => return,
                 // The request line and header values: skip to the line end (vectorised).
@@ -258,6 +269,36 @@ impl HeadScan {
             }
             self.prev_cr = false;
         }
+    }
+
+    /// Scan one whole line (`line` without its LF) at a line start, as the byte-wise
+    /// machine would; `false` (nothing changed) for the lines left to it: an empty line,
+    /// one that starts with CR, or a header line starting like the two names looked for
+    /// whose name is not followed by a colon before any CR.
+    fn whole_line(&mut self, line: &[u8]) -> bool {
+        let (&first, _) = match line.split_first() {
+            Some((b'\r', _)) | None => return false,
+            Some(f) => f,
+        };
+        if !self.first_line && matches!(first, b'c' | b'C' | b't' | b'T') {
+            let named = |name: &[u8]| {
+                line.len() > name.len()
+                    && line[name.len()] == b':'
+                    && line[..name.len()].eq_ignore_ascii_case(name)
+            };
+            if named(b"content-length") {
+                self.content_length = self.content_length.saturating_add(1);
+            } else if named(b"transfer-encoding") {
+                self.transfer_encoding = self.transfer_encoding.saturating_add(1);
+            } else if memchr::memchr2(b':', b'\r', line).is_none_or(|p| line[p] == b'\r') {
+                return false;
+            }
+        }
+        if line.last() != Some(&b'\r') {
+            self.bare_lf = true;
+        }
+        self.first_line = false;
+        true
     }
 
     /// Why the scanned head must be refused, if it must.
@@ -839,11 +880,22 @@ async fn drive<C: Served>(
 mod tests {
     use super::HeadScan;
 
-    /// The scan of `head` fed whole, and fed in every two-piece split.
+    /// The scan of `head` fed whole, and fed in every two-piece split, and a byte at a time
+    /// (the byte-wise machine alone: a one-byte read holds no whole line).
     fn scan_all_splits(head: &[u8]) -> Option<&'static str> {
         let mut whole = HeadScan::default();
         whole.feed(head);
         let want = whole.refusal();
+        let mut bytewise = HeadScan::default();
+        for b in head.chunks(1) {
+            bytewise.feed(b);
+        }
+        assert_eq!(
+            bytewise.refusal(),
+            want,
+            "byte at a time: {:?}",
+            String::from_utf8_lossy(head)
+        );
         for cut in 0..=head.len() {
             let mut s = HeadScan::default();
             s.feed(&head[..cut]);
@@ -867,6 +919,8 @@ mod tests {
             b"GET /content-length:5 HTTP/1.1\r\nX-Note: transfer-encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nTransfer-Encoding-X: y\r\n\r\n",
             b"GET / HTTP/1.1\r\nContent-Lengt: 5\r\nTransfer-Encodings: y\r\nC: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nContent-Type: a\r\nCookie: b=c\r\nTE: trailers\r\nt\r\n\r\n",
+            b"\r\n\r\nGET / HTTP/1.1\r\nconnection: keep-alive\r\n\r\n",
         ] {
             assert_eq!(scan_all_splits(head), None);
         }
@@ -883,6 +937,51 @@ mod tests {
         assert!(scan_all_splits(te_cl).is_some_and(|w| w.contains("Transfer-Encoding")));
         let lf = b"GET / HTTP/1.1\nHost: x\r\n\r\n";
         assert!(scan_all_splits(lf).is_some_and(|w| w.contains("bare LF")));
+        for lf in [
+            &b"GET / HTTP/1.1\r\nHost: x\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nContent-Type: a\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+            b"\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(scan_all_splits(lf).is_some_and(|w| w.contains("bare LF")));
+        }
+        // A CR inside a name: the byte-wise reading (CR skipped) applies whole or split.
+        let cr = b"POST / HTTP/1.1\r\nContent-Length\r: 5\r\ncontent-length: 5\r\n\r\n";
+        assert!(scan_all_splits(cr).is_some_and(|w| w.contains("more than one")));
+        let cl_te = b"POST / HTTP/1.1\r\nCONTENT-LENGTH:5\r\ntransfer-encoding:chunked\r\n\r\n";
+        assert!(scan_all_splits(cl_te).is_some_and(|w| w.contains("Transfer-Encoding")));
+    }
+
+    #[test]
+    fn whole_lines_and_bytes_read_alike() {
+        // Random heads of the pieces that matter: whole (mostly the line-at-once path) and
+        // split at every byte (the byte-wise machine for the line cut) must agree.
+        const PIECES: [&[u8]; 16] = [
+            b"GET / HTTP/1.1",
+            b"\r\n",
+            b"\n",
+            b"\r",
+            b"\r\nContent-Length",
+            b"\ncontent-length",
+            b"\r\nTransfer-Encoding",
+            b"\r\nTRANSFER-encoding",
+            b":",
+            b" 5",
+            b"\r\nHost: x",
+            b"c",
+            b"t",
+            b"\r\nCookie: a",
+            b"\r\nContent-Length: 1",
+            b"\r\ntransfer-encoding: chunked",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..3000 {
+            let mut head = Vec::new();
+            for _ in 0..rng.usize(1..24) {
+                head.extend_from_slice(PIECES[rng.usize(..PIECES.len())]);
+            }
+            scan_all_splits(&head);
+        }
     }
 
     #[test]

@@ -342,21 +342,57 @@ fn idempotent(m: &http::Method) -> bool {
     )
 }
 
-/// What is needed to send a bodiless request again.
+/// What is needed to send a bodiless request again: the client's request line and
+/// headers as they arrived (hop-by-hop headers removed), shaped again for each resend. Kept
+/// as a plain list: it is taken for every retryable request and read only on a retry, so
+/// it copies the client's few headers and none of the ones the gateway adds.
 struct Replay {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
-    headers: http::HeaderMap,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
 }
 
 impl Replay {
-    fn request(&self) -> Request<ProxyBody> {
+    fn capture(parts: &http::request::Parts) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// The client's headers again (every value, in their order).
+    fn header_map(&self) -> http::HeaderMap {
+        let mut h = http::HeaderMap::with_capacity(self.headers.len());
+        for (n, v) in &self.headers {
+            h.append(n.clone(), v.clone());
+        }
+        h
+    }
+
+    /// The request for another attempt, shaped as `shape` says for a `h2` (or HTTP/1.1)
+    /// upstream of the cell `fallback_authority` names.
+    fn request(
+        &self,
+        shape: &shape::Shape<'_>,
+        h2: bool,
+        fallback_authority: &str,
+    ) -> Request<ProxyBody> {
         let mut r = Request::new(ProxyBody::empty());
         *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
+        let mut uri = self.uri.clone();
+        let mut headers = self.header_map();
+        shape::add_headers(&mut headers, shape);
+        shape::set_target(&mut uri, &mut headers, h2, fallback_authority);
+        *r.uri_mut() = uri;
+        *r.headers_mut() = headers;
         r
     }
 }
@@ -418,19 +454,17 @@ async fn proxy(
     };
     let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
     let (mut parts, body) = req.into_parts();
-    shape::shape_headers(
-        &mut parts.headers,
-        &shape::Shape {
-            cell: &cell.id_header,
-            version: table.version_header(),
-            gray: routed.gray.as_ref(),
-            request_id,
-            conn,
-            traceparent,
-            seen,
-        },
-    );
-    shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
+    // The contract headers for the first cell; a resend names the cell it goes to.
+    let shape = shape::Shape {
+        cell: &cell.id_header,
+        version: table.version_header(),
+        gray: routed.gray.as_ref(),
+        request_id,
+        conn,
+        traceparent,
+        seen,
+    };
+    shape::strip_hop_by_hop(&mut parts.headers, true);
     let p = table.health_policy();
     // A copy for status retries, only when one is possible at all (another instance, or a
     // failover cell to cross to).
@@ -439,12 +473,9 @@ async fn proxy(
         && (cell.instances.len() > 1 || !cell.failover.is_empty())
         && idempotent(&parts.method)
         && http_body::Body::is_end_stream(&body))
-    .then(|| Replay {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        version: parts.version,
-        headers: parts.headers.clone(),
-    });
+    .then(|| Replay::capture(&parts));
+    shape::add_headers(&mut parts.headers, &shape);
+    shape::set_target(&mut parts.uri, &mut parts.headers, h2, &cell.id);
     let mut req: Option<Request<ProxyBody>> =
         Some(Request::from_parts(parts, ProxyBody::Request(body)));
     let tag = route::tag_str(&routed.gray);
@@ -488,11 +519,16 @@ async fn proxy(
             }
             // The key again, from the request we still hold (this path is rare; the hot
             // path keeps no copy of it).
-            let held = req
-                .as_ref()
-                .map(|r| (r.uri(), r.headers()))
-                .or_else(|| replay.as_ref().map(|r| (&r.uri, &r.headers)));
-            let key = held.and_then(|(u, h)| table.key_sources().extract(u, h).ok().flatten());
+            let key = match (&req, &replay) {
+                (Some(r), _) => table.key_sources().extract(r.uri(), r.headers()),
+                (None, Some(r)) => table
+                    .key_sources()
+                    .extract(&r.uri, &r.header_map())
+                    .map(|k| k.map(|k| Cow::Owned(k.into_owned()))),
+                (None, None) => Ok(None),
+            }
+            .ok()
+            .flatten();
             let input = cellgate_routing::RouteInput {
                 key: key.as_deref(),
                 client_ip: Some(conn.peer.ip()),
@@ -514,12 +550,23 @@ async fn proxy(
             answered = false;
             tried = 0;
             cell.health.budget_request(now);
-            if req.is_none() {
-                req = replay.as_ref().map(Replay::request);
-            }
-            if let Some(r) = req.as_mut() {
-                r.headers_mut().insert(X_CELL_ID, cell.id_header.clone());
-                shape::set_target_for(r, h2, &cell.id);
+            match req.as_mut() {
+                Some(r) => {
+                    r.headers_mut().insert(X_CELL_ID, cell.id_header.clone());
+                    shape::set_target_for(r, h2, &cell.id);
+                }
+                None => {
+                    req = replay.as_ref().map(|r| {
+                        r.request(
+                            &shape::Shape {
+                                cell: &cell.id_header,
+                                ..shape
+                            },
+                            h2,
+                            &cell.id,
+                        )
+                    })
+                }
             }
             continue;
         }
@@ -533,7 +580,18 @@ async fn proxy(
                 Some(cell_idx),
             ));
         }
-        let Some(mut r) = req.take().or_else(|| replay.as_ref().map(Replay::request)) else {
+        let Some(mut r) = req.take().or_else(|| {
+            replay.as_ref().map(|r| {
+                r.request(
+                    &shape::Shape {
+                        cell: &cell.id_header,
+                        ..shape
+                    },
+                    h2,
+                    &cell.id,
+                )
+            })
+        }) else {
             break;
         };
         shape::set_remaining(r.headers_mut(), rem, grpc);

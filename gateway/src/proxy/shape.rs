@@ -20,7 +20,7 @@ use super::ConnInfo;
 const ADDED_HEADERS: usize = 10;
 
 /// What the upstream request carries besides the client's headers.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Shape<'a> {
     /// `X-Cell-ID`.
     pub cell: &'a HeaderValue,
@@ -38,9 +38,14 @@ pub struct Shape<'a> {
     pub seen: Seen,
 }
 
-/// Rewrite `headers` for the upstream.
+/// Rewrite `headers` for the upstream: [`strip_hop_by_hop`], then [`add_headers`].
 pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     strip_hop_by_hop(headers, true);
+    add_headers(headers, s);
+}
+
+/// Add the contract headers to the client's headers (hop-by-hop ones already removed).
+pub fn add_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     // Room for the headers added here and per attempt (X-Timeout, Host), at most one
     // growth of the map instead of one per insert.
     headers.reserve(ADDED_HEADERS);
