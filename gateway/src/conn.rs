@@ -775,12 +775,31 @@ impl<T: AsyncRead + AsyncWrite + Unpin + 'static> Served
     }
 }
 
+/// What woke [`drive`].
+enum Woke {
+    /// The connection finished.
+    Served(hyper::Result<()>),
+    /// The server started draining.
+    Drain,
+    /// The watchdog's timer.
+    Timer,
+}
+
+/// Ready once the server drains (or its drain signal is gone).
+async fn drain_started(mut drain: watch::Receiver<bool>) {
+    while drain.changed().await.is_ok() {
+        if *drain.borrow_and_update() {
+            return;
+        }
+    }
+}
+
 /// Poll the connection with its watchdog until it ends.
 async fn drive<C: Served>(
     conn: &mut C,
     act: &Activity,
     s: &ConnSettings,
-    drain: &mut watch::Receiver<bool>,
+    drain: &watch::Receiver<bool>,
     h2: bool,
 ) -> Ended {
     // When a close was started (idle, drain, or a park hyper was too busy for).
@@ -789,6 +808,12 @@ async fn drive<C: Served>(
     if *drain.borrow() {
         drain_since = Some(Instant::now());
     }
+    // The drain signal is looked at without its lock on every wake: polling a watch's
+    // `changed()` takes the watch's waiter lock each time, so it is polled once to register
+    // and again only when the version it waits on has moved.
+    let probe = drain.clone();
+    let mut drain_started = std::pin::pin!(drain_started(drain.clone()));
+    let mut registered = false;
     loop {
         let now = Instant::now();
         let next = match (closing, drain_since) {
@@ -813,23 +838,35 @@ async fn drive<C: Served>(
                 Err(_) => now,
             },
         };
-        tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_served(cx)) => {
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(next));
+        let woke = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.poll_served(cx) {
+                return Poll::Ready(Woke::Served(r));
+            }
+            if drain_since.is_none() && (!registered || probe.has_changed().unwrap_or(true)) {
+                registered = true;
+                if drain_started.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Drain);
+                }
+            }
+            sleep.as_mut().poll(cx).map(|()| Woke::Timer)
+        })
+        .await;
+        match woke {
+            Woke::Served(r) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "client connection ended with an error");
                 }
                 return Ended::Done;
             }
-            changed = drain.changed(), if drain_since.is_none() => {
-                if changed.is_err() || *drain.borrow() {
-                    drain_since = Some(Instant::now());
-                }
-            }
-            _ = tokio::time::sleep_until(next) => {
+            Woke::Drain => drain_since = Some(Instant::now()),
+            Woke::Timer => {
                 let now = Instant::now();
                 if let Some(since) = closing {
                     if act.in_flight() == 0 && now >= since + s.idle {
-                        tracing::debug!("connection did not finish closing within the idle timeout; dropped");
+                        tracing::debug!(
+                            "connection did not finish closing within the idle timeout; dropped"
+                        );
                         return Ended::Cut;
                     }
                     continue;
