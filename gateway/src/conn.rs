@@ -589,7 +589,7 @@ async fn serve_h2<S>(
     act: Rc<Activity>,
     guard: Guard,
     settings: &ConnSettings,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -608,7 +608,7 @@ async fn serve_h2<S>(
         .keep_alive_interval(None);
     let conn = b.serve_connection(TokioIo::new(io), guard);
     let mut conn = std::pin::pin!(conn);
-    let _ = drive(&mut conn, &act, settings, &mut drain, true).await;
+    let _ = drive(&mut conn, &act, settings, &drain, true).await;
 }
 
 /// HTTP/1.1 on one connection: hyper's connection under the watchdog, parked while idle.
@@ -645,7 +645,7 @@ async fn serve_h1<S>(
             let mut conn = Box::new(b.serve_connection(TokioIo::new(io), guard));
             // The watchdog and the parked wait are boxed too: only one of them exists at a
             // time, and the task keeps room for neither.
-            let ended = Box::pin(drive(&mut *conn, &act, settings, &mut drain, false)).await;
+            let ended = Box::pin(drive(&mut *conn, &act, settings, &drain, false)).await;
             match ended {
                 Ended::Done => {
                     // hyper is done with it (answered and closing, or the client left):
