@@ -17,18 +17,50 @@ fn hex_into(out: &mut [u8], v: u128) {
     }
 }
 
+/// Whether an inbound request id is kept: 1–128 visible ASCII characters.
+fn keeps_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+const REQUEST_ID_FALLBACK: &str = "0";
+const TRACEPARENT_FALLBACK: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// The inbound request id when it is 1–128 visible ASCII characters, else a new one
 /// (32 lowercase hex digits).
 pub fn request_id(inbound: Option<&HeaderValue>) -> HeaderValue {
-    if let Some(v) = inbound {
-        let b = v.as_bytes();
-        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
-        }
+    if let Some(v) = inbound.filter(|v| keeps_request_id(v)) {
+        return v.clone();
     }
     let mut buf = [0u8; 32];
     hex_into(&mut buf, fastrand::u128(1..));
-    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static(REQUEST_ID_FALLBACK))
+}
+
+/// [`request_id`] and the `traceparent` to send upstream (see `traceparent_into`) for one
+/// proxied request, made in one allocation that both values share: each is copied into the
+/// upstream request and the id into the answer, and copies of a shared value only count
+/// references (a value in an allocation of its own is moved to a shared one when first
+/// copied: a second allocation).
+pub fn request_ids(
+    inbound_id: Option<&HeaderValue>,
+    inbound_traceparent: Option<&HeaderValue>,
+) -> (HeaderValue, HeaderValue) {
+    let mut buf = [0u8; 32 + 55];
+    let (id, tp) = buf.split_at_mut(32);
+    let kept = inbound_id.filter(|v| keeps_request_id(v)).cloned();
+    if kept.is_none() {
+        hex_into(id, fastrand::u128(1..));
+    }
+    traceparent_into(tp, inbound_traceparent);
+    let shared = bytes::Bytes::from_owner(buf);
+    let id = kept.unwrap_or_else(|| {
+        HeaderValue::from_maybe_shared(shared.slice(..32))
+            .unwrap_or_else(|_| HeaderValue::from_static(REQUEST_ID_FALLBACK))
+    });
+    let tp = HeaderValue::from_maybe_shared(shared.slice(32..))
+        .unwrap_or_else(|_| HeaderValue::from_static(TRACEPARENT_FALLBACK));
+    (id, tp)
 }
 
 /// `v` marked never-indexed for HPACK (RFC 7541 §7.1.3). For values unique to one request
@@ -59,11 +91,11 @@ pub fn traceparent_ids(v: &HeaderValue) -> Option<(&str, &str)> {
     .then(|| (&s[3..35], &s[36..52]))
 }
 
-/// The `traceparent` to send upstream: the inbound trace continued with a new parent id
-/// (this hop's span), or a new sampled trace.
-pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {
+/// Write the `traceparent` to send upstream into `out` (55 bytes): the inbound trace
+/// continued with a new parent id (this hop's span), or a new sampled trace.
+fn traceparent_into(out: &mut [u8], inbound: Option<&HeaderValue>) {
     // version(2) - trace-id(32) - parent-id(16) - flags(2)
-    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    out.copy_from_slice(b"00-00000000000000000000000000000000-0000000000000000-01");
     let mut continued = false;
     if let Some(v) = inbound {
         let b = v.as_bytes();
@@ -89,9 +121,6 @@ pub fn traceparent(inbound: Option<&HeaderValue>) -> HeaderValue {
         hex_into(&mut out[3..35], fastrand::u128(1..));
     }
     hex_into(&mut out[36..52], u128::from(fastrand::u64(1..)));
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| {
-        HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-    })
 }
 
 #[cfg(test)]
@@ -123,10 +152,28 @@ mod tests {
     }
 
     #[test]
+    fn request_ids_made_together_read_as_made_apart() {
+        let inbound_id = HeaderValue::from_static("abc-123");
+        let inbound_tp =
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let (id, tp) = request_ids(Some(&inbound_id), Some(&inbound_tp));
+        assert_eq!(id, inbound_id);
+        assert_eq!(&tp.as_bytes()[..36], &inbound_tp.as_bytes()[..36]);
+        assert_ne!(tp, inbound_tp, "a new parent id");
+        let (id, tp) = request_ids(Some(&HeaderValue::from_static("has space")), None);
+        assert_eq!(id.len(), 32);
+        assert!(id.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(tp.len(), 55);
+        assert!(traceparent_ids(&tp).is_some(), "{tp:?}");
+        let (id2, tp2) = request_ids(None, None);
+        assert_ne!((id, tp), (id2, tp2));
+    }
+
+    #[test]
     fn traceparent_continued_or_started() {
         let inbound =
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-        let out = traceparent(Some(&inbound));
+        let (_, out) = request_ids(None, Some(&inbound));
         let s = out.to_str().expect("ascii");
         assert_eq!(&s[..36], "00-4bf92f3577b34da6a3ce929d0e0e4736-");
         assert_ne!(&s[36..52], "00f067aa0ba902b7");
@@ -136,7 +183,7 @@ mod tests {
             "garbage",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
         ] {
-            let out = traceparent(Some(&HeaderValue::from_static(bad)));
+            let (_, out) = request_ids(None, Some(&HeaderValue::from_static(bad)));
             let s = out.to_str().expect("ascii");
             assert_eq!(s.len(), 55);
             assert_ne!(&s[3..35], "4bf92f3577b34da6a3ce929d0e0e4736");

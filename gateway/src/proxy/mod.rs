@@ -194,13 +194,14 @@ pub async fn handle(
     let started = Instant::now();
     let table = worker.shared.table.load_full();
     let seen = Seen::scan(req.headers());
-    let request_id = ids::request_id(seen.get(req.headers(), Seen::REQUEST_ID, X_REQUEST_ID));
+    let (request_id, traceparent) = ids::request_ids(
+        seen.get(req.headers(), Seen::REQUEST_ID, X_REQUEST_ID),
+        seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT),
+    );
     let grpc = is_grpc(&req, seen);
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
-    let traceparent =
-        ids::traceparent(seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT));
     // The client's span, when this hop continues its trace (the exported span's parent).
     let span_parent = worker.shared.traces.as_ref().and_then(|_| {
         let inbound = seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT)?;
