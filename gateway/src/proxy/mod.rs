@@ -192,6 +192,9 @@ pub async fn handle(
     req: Request<RequestBody>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    // The clock as health and metrics count it (ms), read once: later times are derived
+    // from it and the intervals measured anyway.
+    let started_ms = cellgate_health::ms_at(started.into_std());
     let table = worker.shared.table.load_full();
     let seen = Seen::scan(req.headers());
     let (request_id, traceparent) = ids::request_ids(
@@ -219,12 +222,13 @@ pub async fn handle(
         traceparent: &traceparent,
         grpc,
         started,
+        started_ms,
         seen,
     };
     let result = proxy(&worker, &conn, &table, req, ctx).await;
     let ended = Instant::now();
     let elapsed_us = ended.saturating_duration_since(started).as_micros() as u64;
-    let now = cellgate_health::ms_at(ended.into_std());
+    let now = started_ms + elapsed_us / 1000;
     if let (Some(exporter), Some(start_ns)) = (worker.shared.traces.as_ref(), start_ns) {
         if let Some((trace_id, span_id)) = ids::traceparent_ids(&traceparent) {
             let (status, cell) = match &result {
@@ -404,6 +408,8 @@ struct ReqCtx<'a> {
     traceparent: &'a HeaderValue,
     grpc: bool,
     started: Instant,
+    /// `started` in health's milliseconds ([`cellgate_health::ms_at`]).
+    started_ms: u64,
     /// Which optional headers the request carries.
     seen: Seen,
 }
@@ -420,9 +426,10 @@ async fn proxy(
         traceparent,
         grpc,
         started,
+        started_ms,
         seen,
     } = ctx;
-    let now = cellgate_health::ms_at(started.into_std());
+    let now = started_ms;
     // Phase: admit.
     let class = SloClass::of(&req, seen).map_err(|e| (e, None))?;
     let _in_flight = admit(&worker.shared, class).map_err(|e| {
@@ -497,12 +504,12 @@ async fn proxy(
     for attempt in 0..MAX_ATTEMPTS {
         // The first attempt goes out on the time read when the request arrived
         // (microseconds ago); every later one reads the clock again.
-        let at = if attempt == 0 {
-            started
+        let (at, now) = if attempt == 0 {
+            (started, started_ms)
         } else {
-            Instant::now()
+            let at = Instant::now();
+            (at, cellgate_health::ms_at(at.into_std()))
         };
-        let now = cellgate_health::ms_at(at.into_std());
         let serving = cell.is_serving(now, p);
         let picked = if serving || !sent_any {
             worker.pick(table, cell_idx, tag, now, tried)
@@ -574,7 +581,11 @@ async fn proxy(
         let Some(i) = picked else { break };
         tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
         let inst = &cell.instances[i];
-        let rem = deadline.saturating_duration_since(at);
+        let rem = if attempt == 0 {
+            budget
+        } else {
+            deadline.saturating_duration_since(at)
+        };
         if rem.is_zero() {
             return Err((
                 ProxyError::Deadline(budget.as_millis() as u64),
@@ -610,7 +621,8 @@ async fn proxy(
         inst.health.add_in_flight(-1);
         cell.health.add_in_flight(-1);
         let done_at = Instant::now();
-        let now = cellgate_health::ms_at(done_at.into_std());
+        let latency_us = done_at.saturating_duration_since(at).as_micros() as u64;
+        let now = now + latency_us / 1000;
         let outcome = match outcome {
             Ok(o) => o,
             Err(_) => {
@@ -626,7 +638,6 @@ async fn proxy(
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
-                let latency_us = done_at.saturating_duration_since(at).as_micros() as u64;
                 inst.health.record_rtt(latency_us, &p.weight);
                 inst.health.record_latency(now, latency_us);
                 let status = res.status().as_u16();
