@@ -225,7 +225,9 @@ pub async fn handle(
         started_ms,
         seen,
     };
-    let result = proxy(&worker, &conn, &table, req, ctx).await;
+    // Pinned where it is made: awaited directly, the phases' future (~3.7 KiB) would be
+    // built and then copied into this one's state.
+    let result = std::pin::pin!(proxy(&worker, &conn, &table, req, ctx)).await;
     let ended = Instant::now();
     let elapsed_us = ended.saturating_duration_since(started).as_micros() as u64;
     let now = started_ms + elapsed_us / 1000;
@@ -609,14 +611,15 @@ async fn proxy(
         shape::set_remaining(r.headers_mut(), rem, grpc);
         inst.health.add_in_flight(1);
         cell.health.add_in_flight(1);
-        let attempt = send::send(
+        // Pinned where it is made (see `handle`): the attempt's future is ~1.2 KiB.
+        let attempt = std::pin::pin!(send::send(
             &worker.pool,
             inst.addr,
             h2,
             r,
             connect_timeout.min(rem),
             upstream_tls.get(&cell.id),
-        );
+        ));
         let outcome = tokio::time::timeout_at(deadline, attempt).await;
         inst.health.add_in_flight(-1);
         cell.health.add_in_flight(-1);
