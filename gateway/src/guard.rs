@@ -28,8 +28,8 @@ use hyper::body::Incoming;
 use crate::conn::Activity;
 use crate::proxy::body::{BodyError, ProxyBody, RequestBody};
 use crate::proxy::error::ProxyError;
-use crate::proxy::headers::X_REQUEST_ID;
-use crate::proxy::{ids, Proxy};
+use crate::proxy::headers::{Seen, X_REQUEST_ID};
+use crate::proxy::{ids, Proxy, ProxyFuture};
 
 /// Per-request checks, from `limits:`.
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +82,7 @@ fn target_len(uri: &http::Uri) -> usize {
 }
 
 /// The first rule `req` breaks, if any.
-fn check(req: &Request<Incoming>, l: &RequestLimits) -> Option<ProxyError> {
+fn check(req: &Request<Incoming>, l: &RequestLimits, seen: Seen) -> Option<ProxyError> {
     let len = target_len(req.uri());
     if len > l.max_uri {
         return Some(ProxyError::UriTooLong {
@@ -98,7 +98,11 @@ fn check(req: &Request<Incoming>, l: &RequestLimits) -> Option<ProxyError> {
             l.max_headers
         )));
     }
-    let mut cl = h.get_all(CONTENT_LENGTH).iter();
+    let mut cl = seen
+        .has(Seen::CONTENT_LENGTH)
+        .then(|| h.get_all(CONTENT_LENGTH).iter())
+        .into_iter()
+        .flatten();
     if let Some(v) = cl.next() {
         if cl.next().is_some() {
             return Some(ProxyError::BadRequest(
@@ -119,7 +123,11 @@ fn check(req: &Request<Incoming>, l: &RequestLimits) -> Option<ProxyError> {
             Some(_) => {}
         }
     }
-    let mut te = h.get_all(TRANSFER_ENCODING).iter();
+    let mut te = seen
+        .has(Seen::TRANSFER_ENCODING)
+        .then(|| h.get_all(TRANSFER_ENCODING).iter())
+        .into_iter()
+        .flatten();
     if let Some(v) = te.next() {
         if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Some(ProxyError::BadRequest(
@@ -139,11 +147,13 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         let scan = self.act.request_started();
         let inflight = InFlight(Rc::clone(&self.act));
         let h1 = self.h1 || req.version() < Version::HTTP_2;
+        // The names the proxy looks for, looked at once for both.
+        let seen = Seen::scan(req.headers());
         let refused = match scan.refusal() {
             Some(why) if h1 => Some(ProxyError::BadRequest(format!(
                 "request refused: {why} (request smuggling defence)"
             ))),
-            _ => check(&req, &self.limits),
+            _ => check(&req, &self.limits, seen),
         };
         if let Some(e) = refused {
             let request_id = ids::request_id(req.headers().get(X_REQUEST_ID));
@@ -162,9 +172,8 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         }
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, RequestBody::new(body, self.limits.max_body));
-        let mut proxy = self.proxy.clone();
         GuardFuture {
-            state: State::Proxy(tower::Service::call(&mut proxy, req)),
+            state: State::Proxy(self.proxy.call_scanned(req, seen)),
             inflight: Some(inflight),
             h1,
         }
@@ -180,8 +189,6 @@ impl Drop for InFlight {
         self.0.request_finished();
     }
 }
-
-type ProxyFuture = <Proxy as tower::Service<Request<RequestBody>>>::Future;
 
 enum State {
     Ready(Option<Response<ProxyBody>>),

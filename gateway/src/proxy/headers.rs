@@ -52,6 +52,10 @@ impl Seen {
     pub const CONTENT_TYPE: u16 = 1 << 8;
     /// `X-Forwarded-For`.
     pub const FORWARDED_FOR: u16 = 1 << 9;
+    /// `Content-Length`.
+    pub const CONTENT_LENGTH: u16 = 1 << 10;
+    /// `Transfer-Encoding`.
+    pub const TRANSFER_ENCODING: u16 = 1 << 11;
 
     /// Look at every name of `headers` once.
     pub fn scan(headers: &http::HeaderMap) -> Self {
@@ -68,6 +72,8 @@ impl Seen {
                 "grpc-timeout" => Self::GRPC_TIMEOUT,
                 "content-type" => Self::CONTENT_TYPE,
                 "x-forwarded-for" => Self::FORWARDED_FOR,
+                "content-length" => Self::CONTENT_LENGTH,
+                "transfer-encoding" => Self::TRANSFER_ENCODING,
                 _ => 0,
             };
         }

@@ -139,6 +139,9 @@ impl Worker {
     }
 }
 
+/// The future of one proxied request.
+pub type ProxyFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>>>>;
+
 /// The proxy service for one client connection.
 #[derive(Clone, Debug)]
 pub struct Proxy {
@@ -155,6 +158,19 @@ impl Proxy {
         }
     }
 
+    /// [`tower::Service::call`] for a request whose names were already looked at (`seen`,
+    /// the guard's scan).
+    pub fn call_scanned(&self, req: Request<RequestBody>, seen: Seen) -> ProxyFuture {
+        // The request's future is `handle`'s own, boxed as it is made: wrapped in another
+        // async block it would be built on the stack and copied (~4.5 KiB) into the box.
+        Box::pin(handle(
+            Rc::clone(&self.worker),
+            Rc::clone(&self.conn),
+            req,
+            seen,
+        ))
+    }
+
     /// Count an answer given before any routing (a request the guard refused: limits,
     /// smuggling defence) in the metrics, under `cell="none"` as the proxy counts its own
     /// answers to requests it could not route.
@@ -167,16 +183,15 @@ impl Proxy {
 impl tower::Service<Request<RequestBody>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>>>>;
+    type Future = ProxyFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        // The request's future is `handle`'s own, boxed as it is made: wrapped in another
-        // async block it would be built on the stack and copied (~4.5 KiB) into the box.
-        Box::pin(handle(Rc::clone(&self.worker), Rc::clone(&self.conn), req))
+        let seen = Seen::scan(req.headers());
+        self.call_scanned(req, seen)
     }
 }
 
@@ -190,13 +205,13 @@ pub async fn handle(
     worker: Rc<Worker>,
     conn: Rc<ConnInfo>,
     req: Request<RequestBody>,
+    seen: Seen,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     // The clock as health and metrics count it (ms), read once: later times are derived
     // from it and the intervals measured anyway.
     let started_ms = cellgate_health::ms_at(started.into_std());
     let table = worker.shared.table.load_full();
-    let seen = Seen::scan(req.headers());
     let (request_id, traceparent) = ids::request_ids(
         seen.get(req.headers(), Seen::REQUEST_ID, X_REQUEST_ID),
         seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT),
