@@ -151,15 +151,16 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
             })
             .or_else(|| fallback_authority.parse().ok())
     };
-    let pq = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = |uri: &Uri| {
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
     if h2 {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = authority(uri, headers);
-        parts.path_and_query = Some(pq);
+        parts.path_and_query = Some(pq(uri));
         if let Ok(u) = Uri::from_parts(parts) {
             *uri = u;
         }
@@ -172,7 +173,10 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
                 headers.insert(HOST, a);
             }
         }
-        *uri = Uri::from(pq);
+        // Origin-form already (nearly every HTTP/1.1 request): nothing to rebuild.
+        if uri.scheme().is_some() || uri.authority().is_some() {
+            *uri = Uri::from(pq(uri));
+        }
     }
 }
 
@@ -313,6 +317,10 @@ mod tests {
         let mut h = HeaderMap::new();
         set_target(&mut uri, &mut h, false, "10.0.0.1:80");
         assert_eq!(uri.to_string(), "/a?b=1");
+        assert_eq!(h.get(HOST).map(|v| v.as_bytes()), Some(&b"example.com"[..]));
+        let mut uri: Uri = "/b/c?d=2".parse().expect("uri");
+        set_target(&mut uri, &mut h, false, "10.0.0.1:80");
+        assert_eq!(uri.to_string(), "/b/c?d=2", "origin-form is kept");
         assert_eq!(h.get(HOST).map(|v| v.as_bytes()), Some(&b"example.com"[..]));
         let mut uri: Uri = "/svc.Echo/Say".parse().expect("uri");
         let mut h = HeaderMap::new();
