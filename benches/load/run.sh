@@ -640,8 +640,10 @@ cpu_share() {
     "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$(uname -r)"
   printf 'load average before / at the end\t%s / %s\n' "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'all CPUs during the measurements\t%s (the client, proxies and upstreams share the cores)\n' "$(cpu_share)"
-  printf 'cellgate\t%s (%s)%s\n' "${BIN#"$ROOT"/}" "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
-    "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
+  CG_REV=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
+  # A binary given with CELLGATE_BIN was not built here: the checkout's commit need not be its.
+  if [[ -n $CELLGATE_BIN ]]; then CG_REV="given with CELLGATE_BIN; the checkout is at $CG_REV"; fi
+  printf 'cellgate\t%s (%s)%s\n' "${BIN#"$ROOT"/}" "$CG_REV" "${CG_LOG_NOTE:+; $CG_LOG_NOTE}"
   [[ -n $HYPER ]] && printf 'engine reference\t%s: bare hyper %s + tokio, one thread, not a peer\n' "${HYPER#"$ROOT"/}" \
     "$(awk '/^name = "hyper"$/ { getline; gsub(/"/, "", $3); print $3; exit }' "$ROOT/Cargo.lock" 2>/dev/null || echo '?')"
   printf 'peers\tnginx %s, haproxy %s, wrk %s, h2load %s\n' \
