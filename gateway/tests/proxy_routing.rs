@@ -442,3 +442,136 @@ async fn http2_and_http1_over_tls_with_alpn_are_routed_by_key() {
     assert_eq!(res.version(), http::Version::HTTP_11);
     assert_eq!(res.headers()["x-cell-id"], want.as_str());
 }
+
+/// An upstream on loopback that answers `GET /healthz` 200 and every other request 503,
+/// keeping the head of each of those.
+async fn answering_503() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let kept = Arc::clone(&kept);
+            tokio::spawn(async move {
+                let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                loop {
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        buf.drain(..end + 4);
+                        let answer: &[u8] = if head.starts_with("GET /healthz") {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            kept.lock().unwrap().push(head);
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// A request one instance answers 503 is sent again to the cell's other instance as the
+/// same request: the client's headers once, and the contract headers for the cell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_retry_resends_the_same_request_to_another_instance() {
+    let (failing, heads) = answering_503().await;
+    let ups = [
+        upstream("bj-1", "bj-1-b"),
+        upstream("bj-2", "bj-2-a"),
+        upstream("sh-1", "sh-1-a"),
+    ];
+    let yaml = config_yaml(
+        &[
+            cell(
+                "bj-1",
+                "bj",
+                &["bj-2"],
+                &[("bj-1-a", failing), ("bj-1-b", ups[0].addr)],
+            ),
+            cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[1].addr)]),
+            cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[2].addr)]),
+        ],
+        "health:\n  retry: { budget_min_per_sec: 100 }\n",
+    );
+    let dir = TempDir::new("resend");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&yaml);
+    let key = (0..)
+        .map(|i| format!("user-{i}"))
+        .find(|k| expected_cell(&table, k) == "bj-1")
+        .unwrap();
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let rid = format!("resend-{i}");
+        let r = get(
+            gw.addr,
+            "/orders/7?x=1",
+            &[
+                ("x-user-id", key.as_str()),
+                ("x-request-id", rid.as_str()),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("x-custom", "kept"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "secret"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.json()["instance"], "bj-1-b");
+        answers.push((rid, r));
+    }
+    // Smooth WRR alternates the two instances: at least two of the four went to the failing
+    // one first. Each such first attempt must match what the other instance received.
+    let heads = heads.lock().unwrap().clone();
+    assert!(heads.len() >= 2, "first attempts seen: {heads:?}");
+    for head in &heads {
+        let field = |name: &str| {
+            head.lines().skip(1).find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        };
+        assert!(head.starts_with("GET /orders/7?x=1 HTTP/1.1"), "{head}");
+        let rid = field("x-request-id").unwrap();
+        let (_, resent) = answers.iter().find(|(r, _)| *r == rid).unwrap();
+        assert_eq!(resent.json()["path"], "/orders/7");
+        for name in [
+            "x-cell-id",
+            "x-routing-version",
+            "x-request-id",
+            "traceparent",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-user-id",
+            "x-custom",
+            "host",
+        ] {
+            assert_eq!(
+                resent.echoed(name),
+                field(name),
+                "{name} of the resend, first attempt: {head}"
+            );
+        }
+        assert_eq!(field("x-cell-id").as_deref(), Some("bj-1"));
+        assert_eq!(
+            field("x-forwarded-for").as_deref(),
+            Some("203.0.113.9, 127.0.0.1")
+        );
+        assert!(field("x-timeout").is_some() && resent.echoed("x-timeout").is_some());
+        assert_eq!(field("x-hop"), None, "hop-by-hop: {head}");
+        assert_eq!(resent.echoed("x-hop"), None);
+    }
+}

@@ -398,21 +398,25 @@ impl Replay {
         h
     }
 
-    /// The request for another attempt, shaped as `shape` says for a `h2` (or HTTP/1.1)
-    /// upstream of the cell `fallback_authority` names.
+    /// The request for another attempt, to `cell` over h2c (`h2`) or HTTP/1.1, with the
+    /// contract headers of `shape` naming that cell.
     fn request(
         &self,
         shape: &shape::Shape<'_>,
+        cell: &cellgate_routing::Cell,
         h2: bool,
-        fallback_authority: &str,
     ) -> Request<ProxyBody> {
         let mut r = Request::new(ProxyBody::empty());
         *r.method_mut() = self.method.clone();
         *r.version_mut() = self.version;
         let mut uri = self.uri.clone();
         let mut headers = self.header_map();
-        shape::add_headers(&mut headers, shape);
-        shape::set_target(&mut uri, &mut headers, h2, fallback_authority);
+        let shape = shape::Shape {
+            cell: &cell.id_header,
+            ..*shape
+        };
+        shape::add_headers(&mut headers, &shape);
+        shape::set_target(&mut uri, &mut headers, h2, &cell.id);
         *r.uri_mut() = uri;
         *r.headers_mut() = headers;
         r
@@ -580,18 +584,7 @@ async fn proxy(
                     r.headers_mut().insert(X_CELL_ID, cell.id_header.clone());
                     shape::set_target_for(r, h2, &cell.id);
                 }
-                None => {
-                    req = replay.as_ref().map(|r| {
-                        r.request(
-                            &shape::Shape {
-                                cell: &cell.id_header,
-                                ..shape
-                            },
-                            h2,
-                            &cell.id,
-                        )
-                    })
-                }
+                None => req = replay.as_ref().map(|r| r.request(&shape, cell, h2)),
             }
             continue;
         }
@@ -609,18 +602,10 @@ async fn proxy(
                 Some(cell_idx),
             ));
         }
-        let Some(mut r) = req.take().or_else(|| {
-            replay.as_ref().map(|r| {
-                r.request(
-                    &shape::Shape {
-                        cell: &cell.id_header,
-                        ..shape
-                    },
-                    h2,
-                    &cell.id,
-                )
-            })
-        }) else {
+        let Some(mut r) = req
+            .take()
+            .or_else(|| replay.as_ref().map(|r| r.request(&shape, cell, h2)))
+        else {
             break;
         };
         shape::set_remaining(r.headers_mut(), rem, grpc);
