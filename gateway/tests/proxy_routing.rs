@@ -18,22 +18,30 @@ struct Fleet {
 }
 
 fn three_cells(extra: &str) -> Fleet {
-    let ups: Vec<Upstream> = vec![
-        upstream("bj-1", "bj-1-a"),
+    three_cells_with(None, extra)
+}
+
+/// [`three_cells`], with instance `bj-1-a` at `bj_1_a` instead of a demo upstream when given.
+fn three_cells_with(bj_1_a: Option<std::net::SocketAddr>, extra: &str) -> Fleet {
+    let mut ups: Vec<Upstream> = vec![
         upstream("bj-1", "bj-1-b"),
         upstream("bj-2", "bj-2-a"),
         upstream("sh-1", "sh-1-a"),
     ];
+    let a = bj_1_a.unwrap_or_else(|| {
+        ups.push(upstream("bj-1", "bj-1-a"));
+        ups[3].addr
+    });
     let yaml = config_yaml(
         &[
             cell(
                 "bj-1",
                 "bj",
                 &["bj-2", "sh-1"],
-                &[("bj-1-a", ups[0].addr), ("bj-1-b", ups[1].addr)],
+                &[("bj-1-a", a), ("bj-1-b", ups[0].addr)],
             ),
-            cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[2].addr)]),
-            cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[3].addr)]),
+            cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[1].addr)]),
+            cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[2].addr)]),
         ],
         extra,
     );
@@ -487,29 +495,16 @@ async fn answering_503() -> (std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_status_retry_resends_the_same_request_to_another_instance() {
     let (failing, heads) = answering_503().await;
-    let ups = [
-        upstream("bj-1", "bj-1-b"),
-        upstream("bj-2", "bj-2-a"),
-        upstream("sh-1", "sh-1-a"),
-    ];
-    let yaml = config_yaml(
-        &[
-            cell(
-                "bj-1",
-                "bj",
-                &["bj-2"],
-                &[("bj-1-a", failing), ("bj-1-b", ups[0].addr)],
-            ),
-            cell("bj-2", "bj", &["bj-1"], &[("bj-2-a", ups[1].addr)]),
-            cell("sh-1", "sh", &["bj-1"], &[("sh-1-a", ups[2].addr)]),
-        ],
+    let f = three_cells_with(
+        Some(failing),
         // No ejection of the failing instance: it must keep getting first attempts.
         "health:\n  retry: { budget_min_per_sec: 100 }\n  outlier: { consecutive_failures: 100000, min_requests: 100000 }\n",
     );
+    let yaml = &f.yaml;
     let dir = TempDir::new("resend");
-    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    std::fs::write(dir.path("c.yaml"), yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    let table = table_of(&yaml);
+    let table = table_of(yaml);
     let key = (0..)
         .map(|i| format!("user-{i}"))
         .find(|k| expected_cell(&table, k) == "bj-1")
