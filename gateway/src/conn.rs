@@ -155,8 +155,8 @@ impl HeadScan {
         let mut i = 0;
         while i < bytes.len() {
             // At a line start with nothing of the line seen, a line that is whole in this
-            // read (nearly all) is looked at once; the byte-wise machine below takes the
-            // rest, and the lines `whole_line` declines.
+            // read (nearly all) is looked at once; the byte-wise machine below takes lines
+            // split across reads, and the lines `whole_line` declines.
             if self.state == ScanState::LineStart && !self.prev_cr {
                 if let Some(off) = memchr::memchr(b'\n', &bytes[i..]) {
                     if self.whole_line(&bytes[i..i + off]) {
@@ -219,24 +219,6 @@ impl HeadScan {
                     self.line_empty = false;
                     if self.first_line {
                         self.state = ScanState::Rest;
-                    } else if let Some(off) = memchr::memchr3(b':', b'\r', b'\n', &bytes[i..])
-                        .filter(|&off| bytes[i + off] == b':')
-                    {
-                        // The whole name is in this read (nearly always): compare it at
-                        // once instead of byte by byte.
-                        let rest = &bytes[i..i + off];
-                        let is = |want: &[u8]| {
-                            rest.len() + 1 == want.len()
-                                && b.eq_ignore_ascii_case(&want[0])
-                                && rest.eq_ignore_ascii_case(&want[1..])
-                        };
-                        if is(b"content-length") {
-                            self.content_length = self.content_length.saturating_add(1);
-                        } else if is(b"transfer-encoding") {
-                            self.transfer_encoding = self.transfer_encoding.saturating_add(1);
-                        }
-                        self.state = ScanState::Rest;
-                        i += off + 1;
                     } else {
                         self.state = ScanState::Name;
                         self.name_len = 1;
@@ -810,8 +792,7 @@ async fn drive<C: Served>(
     }
     // The drain signal is looked at without its lock on every wake: polling a watch's
     // `changed()` takes the watch's waiter lock each time, so it is polled once to register
-    // and again only when the version it waits on has moved.
-    let probe = drain.clone();
+    // and again only when the version it waits on (`drain`'s, which it starts from) moved.
     let mut drain_started = std::pin::pin!(drain_started(drain.clone()));
     let mut registered = false;
     loop {
@@ -843,7 +824,7 @@ async fn drive<C: Served>(
             if let Poll::Ready(r) = conn.poll_served(cx) {
                 return Poll::Ready(Woke::Served(r));
             }
-            if drain_since.is_none() && (!registered || probe.has_changed().unwrap_or(true)) {
+            if drain_since.is_none() && (!registered || drain.has_changed().unwrap_or(true)) {
                 registered = true;
                 if drain_started.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Drain);

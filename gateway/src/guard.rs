@@ -98,11 +98,7 @@ fn check(req: &Request<Incoming>, l: &RequestLimits, seen: Seen) -> Option<Proxy
             l.max_headers
         )));
     }
-    let mut cl = seen
-        .has(Seen::CONTENT_LENGTH)
-        .then(|| h.get_all(CONTENT_LENGTH).iter())
-        .into_iter()
-        .flatten();
+    let mut cl = seen.get_all(h, Seen::CONTENT_LENGTH, CONTENT_LENGTH);
     if let Some(v) = cl.next() {
         if cl.next().is_some() {
             return Some(ProxyError::BadRequest(
@@ -123,11 +119,7 @@ fn check(req: &Request<Incoming>, l: &RequestLimits, seen: Seen) -> Option<Proxy
             Some(_) => {}
         }
     }
-    let mut te = seen
-        .has(Seen::TRANSFER_ENCODING)
-        .then(|| h.get_all(TRANSFER_ENCODING).iter())
-        .into_iter()
-        .flatten();
+    let mut te = seen.get_all(h, Seen::TRANSFER_ENCODING, TRANSFER_ENCODING);
     if let Some(v) = te.next() {
         if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Some(ProxyError::BadRequest(

@@ -95,6 +95,20 @@ impl Seen {
         }
     }
 
+    /// `headers.get_all(name)`, empty without a lookup when the scan saw no such name.
+    #[inline]
+    pub fn get_all(
+        self,
+        headers: &http::HeaderMap,
+        bit: u16,
+        name: HeaderName,
+    ) -> impl Iterator<Item = &http::HeaderValue> {
+        self.has(bit)
+            .then(|| headers.get_all(name).iter())
+            .into_iter()
+            .flatten()
+    }
+
     /// Whether the scan saw the name of `bit`.
     #[inline]
     pub fn has(self, bit: u16) -> bool {

@@ -38,13 +38,8 @@ pub struct Shape<'a> {
     pub seen: Seen,
 }
 
-/// Rewrite `headers` for the upstream: [`strip_hop_by_hop`], then [`add_headers`].
-pub fn shape_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
-    strip_hop_by_hop(headers, true);
-    add_headers(headers, s);
-}
-
-/// Add the contract headers to the client's headers (hop-by-hop ones already removed).
+/// Add the contract headers to the client's headers (hop-by-hop ones already removed by
+/// [`strip_hop_by_hop`]).
 pub fn add_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
     // Room for the headers added here and per attempt (X-Timeout, Host), at most one
     // growth of the map instead of one per insert.
@@ -280,7 +275,7 @@ mod tests {
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let mut h = HeaderMap::new();
         h.insert("x-user-id", HeaderValue::from_static("alice"));
-        shape_headers(
+        add_headers(
             &mut h,
             &Shape {
                 cell: &cell,
