@@ -492,7 +492,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.act.unflushed.set(true);
-        crate::proxy::connect::poll_write_few(Pin::new(&mut this.inner), cx, bufs)
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -607,8 +607,9 @@ async fn serve_h1<S>(
     let mut b = http1::Builder::new();
     b.timer(TokioTimer::new())
         .keep_alive(true)
-        // One buffer per write: `send` rather than `writev`, cheaper in the kernel by more
-        // than the copy of a body chunk into hyper's buffer costs (see proxy::connect).
+        // Each message copied into one buffer and written with `send` (see `socket`): on
+        // small messages the copy costs less than the kernel's `writev` path saves, and a
+        // body's copy per flush is bounded by `max_buf_size`.
         .writev(false)
         // hyper grows a connection's buffers up to ~400 KiB when a burst fills them and
         // keeps them while the connection is busy; bodies stream through in smaller pieces.

@@ -54,6 +54,7 @@ pub mod probe;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod socket;
 pub mod telemetry;
 pub mod tls;
 pub mod upgrade;

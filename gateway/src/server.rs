@@ -841,6 +841,7 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = crate::socket::Socket::new(stream);
         let worker = Rc::clone(&worker);
         let ctx = Rc::clone(&ctx);
         let tls = tls.clone();

@@ -13,32 +13,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::socket::Socket;
 use crate::tls::UpstreamTls;
 
 /// An upstream byte stream, plaintext or TLS.
 #[derive(Debug)]
 pub enum Stream {
     /// Plain TCP.
-    Plain(TcpStream),
+    Plain(Socket),
     /// TLS over TCP.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-/// Write `bufs` to `io`: with `send` when only one of them holds bytes, else vectored.
-///
-/// The kernel's `writev` path costs more per call than `send` (a few tenths of a
-/// microsecond on loopback), and a batch of small HTTP/2 frames is one buffer.
-pub fn poll_write_few<W: AsyncWrite + Unpin + ?Sized>(
-    io: Pin<&mut W>,
-    cx: &mut Context<'_>,
-    bufs: &[io::IoSlice<'_>],
-) -> Poll<io::Result<usize>> {
-    let mut full = bufs.iter().filter(|b| !b.is_empty());
-    match (full.next(), full.next()) {
-        (Some(one), None) => io.poll_write(cx, one),
-        (None, _) => Poll::Ready(Ok(0)),
-        _ => io.poll_write_vectored(cx, bufs),
-    }
+    Tls(Box<TlsStream<Socket>>),
 }
 
 /// Connect to `addr` within `timeout`, with TLS from `tls` when given.
@@ -52,6 +36,7 @@ pub async fn open(
     let connect = async {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
+        let s = Socket::new(s);
         match tls {
             None => Ok(Stream::Plain(s)),
             Some(t) => {
@@ -96,7 +81,7 @@ impl AsyncWrite for Stream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Plain(s) => poll_write_few(Pin::new(s), cx, bufs),
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -117,83 +102,5 @@ impl AsyncWrite for Stream {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::task::Waker;
-
-    /// Records which write call each byte came through.
-    #[derive(Default)]
-    struct Recorder {
-        plain: Vec<u8>,
-        vectored: Vec<u8>,
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.get_mut().plain.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            let before = this.vectored.len();
-            for b in bufs {
-                this.vectored.extend_from_slice(b);
-            }
-            Poll::Ready(Ok(this.vectored.len() - before))
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn write(bufs: &[&[u8]]) -> (usize, Recorder) {
-        let mut r = Recorder::default();
-        let slices: Vec<io::IoSlice<'_>> = bufs.iter().map(|b| io::IoSlice::new(b)).collect();
-        let mut cx = Context::from_waker(Waker::noop());
-        match poll_write_few(Pin::new(&mut r), &mut cx, &slices) {
-            Poll::Ready(Ok(n)) => (n, r),
-            other => panic!("write did not complete: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn one_buffer_among_empty_ones_is_a_plain_write() {
-        let (n, r) = write(&[b"", b"GET / HTTP/1.1\r\n\r\n", b""]);
-        assert_eq!(n, 18);
-        assert_eq!(r.plain, b"GET / HTTP/1.1\r\n\r\n");
-        assert!(r.vectored.is_empty());
-    }
-
-    #[test]
-    fn several_buffers_stay_vectored_and_in_order() {
-        let (n, r) = write(&[b"head", b"", b"body"]);
-        assert_eq!(n, 8);
-        assert_eq!(r.vectored, b"headbody");
-        assert!(r.plain.is_empty());
-    }
-
-    #[test]
-    fn nothing_to_write_writes_nothing() {
-        let (n, r) = write(&[b"", b""]);
-        assert_eq!(n, 0);
-        assert!(r.plain.is_empty() && r.vectored.is_empty());
     }
 }

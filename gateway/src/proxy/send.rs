@@ -268,7 +268,7 @@ async fn connect_h1(
     let stream = connect::open(addr, timeout, tls, false).await?;
     let (sender, conn) = http1::Builder::new()
         .max_buf_size(crate::conn::MAX_CONN_BUF)
-        // `send` rather than `writev`, as on the client side (conn.rs).
+        // One buffer per message, written with `send`, as on the client side (conn.rs).
         .writev(false)
         .handshake(TokioIo::new(stream))
         .await
