@@ -170,7 +170,7 @@ pub async fn step(shared: &Arc<Shared>) {
     let mut changed = false;
     let next = current.with_weights(|_, inst| {
         let w = (inst.health.effective_weight(inst.weight, now, p) * 100.0).round() as u32;
-        if w.abs_diff(inst.effective) * 100 > inst.effective.max(1) {
+        if u64::from(w.abs_diff(inst.effective)) * 100 > u64::from(inst.effective.max(1)) {
             changed = true;
         }
         w

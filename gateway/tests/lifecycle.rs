@@ -331,3 +331,57 @@ async fn wait_in_flight(gw: &Gateway, n: u64) {
     }
     panic!("the gateway never had {n} request(s) in flight");
 }
+
+/// A client that gives up while its request waits on the upstream leaves nothing counted:
+/// the cell's and the instance's in-flight gauges (what `/admin/cells` and a drain report)
+/// come back to 0 at once, not when the upstream would have answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_is_no_longer_counted_in_flight() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 8000}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "admin: { token: t0k }\n",
+    );
+    let dir = TempDir::new("cancel-in-flight");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let admin = gw.admin_addr.expect("admin listener").to_string();
+    let cell_in_flight = || async {
+        let v = cellgate::ctl::call(
+            &admin,
+            Some("t0k"),
+            http::Method::GET,
+            "/admin/cells/a",
+            None,
+        )
+        .await
+        .expect("GET /admin/cells/a");
+        (
+            v["in_flight"].as_i64(),
+            v["instances"][0]["in_flight"].as_i64(),
+        )
+    };
+    for round in 0..2 {
+        let mut c = H1::connect(gw.addr).await;
+        let pending = tokio::spawn(async move {
+            let r = c.try_get("/slow", &[("x-user-id", "alice")]).await;
+            drop(c);
+            r
+        });
+        wait_in_flight(&gw, 1).await;
+        assert_eq!(cell_in_flight().await, (Some(1), Some(1)), "round {round}");
+        // The client goes away (its connection closes) long before the upstream answers.
+        pending.abort();
+        let _ = pending.await;
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            let now = cell_in_flight().await;
+            if now == (Some(0), Some(0)) {
+                break;
+            }
+            assert!(Instant::now() < end, "round {round}: still counted {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

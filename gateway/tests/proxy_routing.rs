@@ -574,3 +574,80 @@ async fn a_status_retry_resends_the_same_request_to_another_instance() {
         assert_eq!(resent.echoed("x-hop"), None);
     }
 }
+
+/// `Trailer` is end to end (RFC 9110 §6.6.2): an upstream's HTTP/1.1 trailers reach an
+/// HTTP/1.1 client that asked for them with `TE: trailers`. hyper writes only the trailer
+/// fields the response's `Trailer` header names, so stripping it would drop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_trailers_pass_through_end_to_end() {
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    let mut t = http::HeaderMap::new();
+                    t.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+                    let body = Full::new(Bytes::from_static(b"hello"))
+                        .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(t)) });
+                    let mut res = http::Response::new(body);
+                    let h = res.headers_mut();
+                    h.insert("trailer", http::HeaderValue::from_static("x-checksum"));
+                    // Chunked, where trailers can follow (the body's size is known).
+                    h.insert(
+                        "transfer-encoding",
+                        http::HeaderValue::from_static("chunked"),
+                    );
+                    Ok::<_, std::convert::Infallible>(res)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up_addr)])], "");
+    let dir = TempDir::new("trailers");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /t HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\nTE: trailers\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read_all = async {
+        let mut b = [0u8; 4096];
+        loop {
+            let n = s.read(&mut b).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&b[..n]);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            if text.contains("\r\n0\r\n") && text.ends_with("\r\n\r\n") {
+                break;
+            }
+        }
+    };
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(5), read_all)
+        .await
+        .is_ok();
+    assert!(
+        finished,
+        "response not finished within 5 s: {}",
+        String::from_utf8_lossy(&got)
+    );
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("transfer-encoding: chunked"), "{text}");
+    let tail = text.split("\r\n0\r\n").nth(1).unwrap_or_default();
+    assert!(
+        tail.contains("x-checksum: abc123"),
+        "no trailer after the last chunk: {text}"
+    );
+    upstream.abort();
+}

@@ -116,11 +116,14 @@ impl JwtSource {
             .to_str()
             .map_err(|_| KeyError::Jwt("token is not visible ASCII".into()))?
             .trim();
-        let token = raw
-            .strip_prefix("Bearer ")
-            .or_else(|| raw.strip_prefix("bearer "))
-            .unwrap_or(raw)
-            .trim();
+        // `<scheme> <credentials>`: only the Bearer scheme (case-insensitive, RFC 9110
+        // §11.1) carries a JWT; another scheme (`Basic …`) is no token here, so the next
+        // source is tried. A bare value is taken as the token itself.
+        let token = match raw.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            Some(_) => return Ok(None),
+            None => raw,
+        };
         if token.is_empty() {
             return Ok(None);
         }
@@ -271,14 +274,20 @@ fn validate_key<'a>(
     if raw.iter().any(|&b| b < 0x20 || b == 0x7f) {
         return Err(KeyError::ControlChar { source_name });
     }
-    match raw {
+    let non_ascii = !raw.is_ascii();
+    let key = match raw {
         Cow::Borrowed(b) => std::str::from_utf8(b)
             .map(Cow::Borrowed)
             .map_err(|_| KeyError::NotUtf8 { source_name }),
         Cow::Owned(v) => String::from_utf8(v)
             .map(Cow::Owned)
             .map_err(|_| KeyError::NotUtf8 { source_name }),
+    }?;
+    // The C1 controls (U+0080..U+009F, e.g. NEL) are control characters too.
+    if non_ascii && key.chars().any(char::is_control) {
+        return Err(KeyError::ControlChar { source_name });
     }
+    Ok(key)
 }
 
 /// Validate a key given directly (admin explain, CLI), with the same rules as requests.
@@ -494,6 +503,56 @@ mod tests {
         );
         let (u, h) = req("/", &[("authorization", "Bearer not-a-jwt")]);
         assert!(matches!(unverified.extract(&u, &h), Err(KeyError::Jwt(_))));
+        // The scheme name is case-insensitive; a bare token is the token.
+        for value in [format!("BEARER {token}"), token.clone()] {
+            let (u, h) = req("/", &[("authorization", &value)]);
+            assert_eq!(
+                verified.extract(&u, &h).expect("ok").as_deref(),
+                Some("jwt-user"),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn another_auth_scheme_is_no_jwt_and_the_next_source_is_tried() {
+        let s = KeySources::new(vec![
+            KeySource::Jwt(JwtSource {
+                header: HeaderName::from_static("authorization"),
+                claim: "sub".into(),
+                verify: Some((DecodingKey::from_secret(b"s3cret"), Algorithm::HS256)),
+            }),
+            KeySource::Header(HeaderName::from_static("x-user-id")),
+        ]);
+        let (u, h) = req(
+            "/",
+            &[
+                ("authorization", "Basic YWxpY2U6c2VjcmV0"),
+                ("x-user-id", "alice"),
+            ],
+        );
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
+        // A Bearer token that fails verification is still refused, not skipped.
+        let (u, h) = req(
+            "/",
+            &[("authorization", "Bearer x.y.z"), ("x-user-id", "alice")],
+        );
+        assert!(matches!(s.extract(&u, &h), Err(KeyError::Jwt(_))));
+    }
+
+    #[test]
+    fn c1_control_characters_are_refused() {
+        let s = KeySources::new(vec![KeySource::Query("user".into())]);
+        for q in ["/?user=a%C2%85b", "/?user=a%C2%9Fb"] {
+            let (u, h) = req(q, &[]);
+            assert!(
+                matches!(s.extract(&u, &h), Err(KeyError::ControlChar { .. })),
+                "{q}"
+            );
+        }
+        // Other non-ASCII letters are keys like any other.
+        let (u, h) = req("/?user=%C3%A9mile", &[]);
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("émile"));
     }
 
     proptest::proptest! {

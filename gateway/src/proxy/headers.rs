@@ -116,15 +116,16 @@ impl Seen {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded.
-pub const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded (`TE` is handled on its own).
+/// `Trailer` is end to end: it announces the trailer fields, and an HTTP/1.1 sender writes
+/// only the trailers it names.
+pub const HOP_BY_HOP: [HeaderName; 6] = [
     http::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
     http::header::PROXY_AUTHORIZATION,
-    http::header::TRAILER,
 ];
 
 #[cfg(test)]

@@ -352,6 +352,27 @@ fn admit<'a>(shared: &'a Shared, class: SloClass) -> Result<InFlight<'a>, ProxyE
         .map_err(|_| ProxyError::Shed(class.as_str()))
 }
 
+/// One attempt counted in its instance's and its cell's in-flight gauges until dropped.
+struct AttemptInFlight<'a> {
+    inst: &'a cellgate_routing::Instance,
+    cell: &'a cellgate_routing::Cell,
+}
+
+impl<'a> AttemptInFlight<'a> {
+    fn new(inst: &'a cellgate_routing::Instance, cell: &'a cellgate_routing::Cell) -> Self {
+        inst.health.add_in_flight(1);
+        cell.health.add_in_flight(1);
+        Self { inst, cell }
+    }
+}
+
+impl Drop for AttemptInFlight<'_> {
+    fn drop(&mut self) {
+        self.inst.health.add_in_flight(-1);
+        self.cell.health.add_in_flight(-1);
+    }
+}
+
 fn idempotent(m: &http::Method) -> bool {
     matches!(
         *m,
@@ -609,8 +630,9 @@ async fn proxy(
             break;
         };
         shape::set_remaining(r.headers_mut(), rem, grpc);
-        inst.health.add_in_flight(1);
-        cell.health.add_in_flight(1);
+        // Counted down on drop: a client that goes away mid-attempt (an h2 RST_STREAM, a
+        // closed HTTP/1.1 connection) drops this future at the await below.
+        let attempt_in_flight = AttemptInFlight::new(inst, cell);
         // Pinned where it is made (see `handle`): the attempt's future is ~1.2 KiB.
         let attempt = std::pin::pin!(send::send(
             &worker.pool,
@@ -621,8 +643,7 @@ async fn proxy(
             upstream_tls.get(&cell.id),
         ));
         let outcome = tokio::time::timeout_at(deadline, attempt).await;
-        inst.health.add_in_flight(-1);
-        cell.health.add_in_flight(-1);
+        drop(attempt_in_flight);
         let done_at = Instant::now();
         let latency_us = done_at.saturating_duration_since(at).as_micros() as u64;
         let now = now + latency_us / 1000;
