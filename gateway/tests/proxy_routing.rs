@@ -230,6 +230,38 @@ async fn h2c_prior_knowledge_is_routed_by_key() {
     }
 }
 
+/// An HTTP/2 client may send each cookie in a field of its own (RFC 9113 §8.2.3); an
+/// HTTP/1.1 upstream gets them joined into one `Cookie` field with "; ", as the RFC asks.
+#[tokio::test]
+async fn h2_split_cookies_reach_an_http1_upstream_as_one_field() {
+    let f = three_cells("");
+    let dir = TempDir::new("h2-cookies");
+    std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://gateway.test/c")
+        .header("x-user-id", "alice")
+        .header("cookie", "session=s1")
+        .header("cookie", "theme=dark")
+        .header("cookie", "lang=en")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value =
+        serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    // The echo joins repeated fields with ", ": one field arrives as it was sent.
+    assert_eq!(
+        body["headers"]["cookie"], "session=s1; theme=dark; lang=en",
+        "{body}"
+    );
+}
+
 /// Read one HTTP/2 frame: (type, flags, stream id, payload).
 async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, u8, u32, Vec<u8>) {
     use tokio::io::AsyncReadExt;

@@ -204,6 +204,9 @@ pub async fn send(
 
     // HTTP/1.1 upstream, whatever the client spoke: an HTTP/2 request's version would keep
     // hyper from chunking a body of unknown length, and the body would be dropped.
+    if req.version() == hyper::Version::HTTP_2 {
+        super::shape::join_cookies(req.headers_mut());
+    }
     *req.version_mut() = hyper::Version::HTTP_11;
     // HTTP/1.1: a pooled sender that is ready (closed ones are dropped, ones still finishing
     // their previous response stay), else a new connection. A pooled sender found dead hands

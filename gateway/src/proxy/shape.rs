@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use http::header::{HeaderName, HOST, TE};
+use http::header::{HeaderName, COOKIE, HOST, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
@@ -180,6 +180,23 @@ pub fn set_target_for<B>(req: &mut http::Request<B>, h2: bool, fallback_authorit
     let mut uri = std::mem::take(req.uri_mut());
     set_target(&mut uri, req.headers_mut(), h2, fallback_authority);
     *req.uri_mut() = uri;
+}
+
+/// Join the `Cookie` fields an HTTP/2 client may send one per cookie (RFC 9113 §8.2.3) into
+/// the single field an HTTP/1.1 upstream expects, separated by `"; "`.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, v);
+    }
 }
 
 /// Write the remaining budget (`X-Timeout`, and `grpc-timeout` for gRPC).
