@@ -162,3 +162,43 @@ async fn malformed_http_is_400_and_the_gateway_keeps_serving() {
         200
     );
 }
+
+/// A retryable answer whose retry finds nowhere to go reaches the client as the upstream
+/// gave it, not as a gateway 502: here the cell's other instance has weight 0, so smooth
+/// WRR never picks it, and the budgeted retry of the 503 has no instance to take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_nowhere_to_go_returns_the_upstream_answer() {
+    let (a1, a2) = (upstream("a", "a-1"), upstream("a", "a-2"));
+    fault(a1.addr, r#"{"error_rate": 1.0, "status": 503}"#).await;
+    let yaml = format!(
+        "regions: [r1]
+cells:
+  - id: a
+    region: r1
+    instances:
+      - {{ name: a-1, addr: \"{}\" }}
+      - {{ name: a-2, addr: \"{}\", weight: 0 }}
+health:
+  outlier: {{ consecutive_failures: 100000, failure_ratio: 1.0, min_requests: 100000 }}
+  breaker: {{ min_requests: 100000 }}
+  failover: {{ min_requests: 100000 }}
+",
+        a1.addr, a2.addr
+    );
+    let dir = TempDir::new("retry-nowhere");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let mut c = H1::connect(gw.addr).await;
+    for i in 0..5 {
+        let r = c.get("/", &[("x-user-id", "alice")]).await;
+        assert_eq!(r.status, 503, "request {i}: {:?}", r.body);
+        let v = r.json();
+        assert_eq!(
+            v["error"], "injected fault",
+            "request {i}: the upstream's own body"
+        );
+        assert_eq!(v["instance"], "a-1");
+        assert_eq!(r.header("x-cell-id"), Some("a"));
+        assert!(r.header("x-request-id").is_some());
+    }
+}

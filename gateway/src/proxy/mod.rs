@@ -543,6 +543,9 @@ async fn proxy(
     let mut status_retries = 0u32;
     let mut last_err: Cow<'static, str> = Cow::Borrowed("no instance of the cell is available");
     cell.health.budget_request(now);
+    // The last retryable answer while a retry of it is under way: what the client gets if
+    // no further attempt answers (no instance left to try, the deadline, a failed resend).
+    let mut held: Option<Held<'_>> = None;
     for attempt in 0..MAX_ATTEMPTS {
         // The first attempt goes out on the time read when the request arrived
         // (microseconds ago); every later one reads the clock again.
@@ -618,10 +621,14 @@ async fn proxy(
             deadline.saturating_duration_since(at)
         };
         if rem.is_zero() {
-            return Err((
-                ProxyError::Deadline(budget.as_millis() as u64),
-                Some(cell_idx),
-            ));
+            return give_up(
+                held,
+                request_id,
+                (
+                    ProxyError::Deadline(budget.as_millis() as u64),
+                    Some(cell_idx),
+                ),
+            );
         }
         let Some(mut r) = req
             .take()
@@ -651,14 +658,18 @@ async fn proxy(
             Ok(o) => o,
             Err(_) => {
                 record(cell, inst, now, Outcome::Timeout, p);
-                return Err((
-                    ProxyError::Deadline(budget.as_millis() as u64),
-                    Some(cell_idx),
-                ));
+                return give_up(
+                    held,
+                    request_id,
+                    (
+                        ProxyError::Deadline(budget.as_millis() as u64),
+                        Some(cell_idx),
+                    ),
+                );
             }
         };
         match outcome {
-            Ok((mut res, lease)) => {
+            Ok((res, lease)) => {
                 // Phase: outcome.
                 sent_any = true;
                 answered = true;
@@ -688,15 +699,24 @@ async fn proxy(
                         f64::from(1u32 << status_retries.min(6)) * (0.5 + fastrand::f64()),
                     );
                     if done_at + backoff < deadline {
+                        held = Some(Held {
+                            res,
+                            lease,
+                            cell,
+                            cell_idx,
+                        });
                         tokio::time::sleep(backoff).await;
                         continue;
                     }
                 }
-                shape::strip_hop_by_hop(res.headers_mut(), false);
-                let h = res.headers_mut();
-                h.insert(X_CELL_ID, cell.id_header.clone());
-                h.insert(X_REQUEST_ID, ids::unindexed(request_id));
-                return Ok((res.map(|b| ProxyBody::upstream(b, lease)), cell_idx));
+                drop(held);
+                return Ok(Held {
+                    res,
+                    lease,
+                    cell,
+                    cell_idx,
+                }
+                .answer(request_id));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -741,19 +761,66 @@ async fn proxy(
                     || !can_retry(cell, tried, now, p, crossed || answered)
                     || !cell.health.try_retry(now, &p.retry)
                 {
-                    return Err((
-                        ProxyError::UpstreamFailed(last_err.into_owned()),
-                        Some(cell_idx),
-                    ));
+                    return give_up(
+                        held,
+                        request_id,
+                        (
+                            ProxyError::UpstreamFailed(last_err.into_owned()),
+                            Some(cell_idx),
+                        ),
+                    );
                 }
                 status_retries += 1;
             }
         }
     }
-    Err((
-        ProxyError::UpstreamFailed(last_err.into_owned()),
-        Some(cell_idx),
-    ))
+    give_up(
+        held,
+        request_id,
+        (
+            ProxyError::UpstreamFailed(last_err.into_owned()),
+            Some(cell_idx),
+        ),
+    )
+}
+
+/// An upstream's answer on its way to the client.
+struct Held<'a> {
+    res: Response<hyper::body::Incoming>,
+    lease: Option<send::Lease>,
+    cell: &'a cellgate_routing::Cell,
+    cell_idx: cellgate_routing::CellIdx,
+}
+
+impl Held<'_> {
+    /// The response for the client: hop-by-hop headers out, `X-Cell-ID` and
+    /// `X-Request-ID` in.
+    fn answer(self, request_id: &HeaderValue) -> (Response<ProxyBody>, cellgate_routing::CellIdx) {
+        let Held {
+            mut res,
+            lease,
+            cell,
+            cell_idx,
+        } = self;
+        shape::strip_hop_by_hop(res.headers_mut(), false);
+        let h = res.headers_mut();
+        h.insert(X_CELL_ID, cell.id_header.clone());
+        h.insert(X_REQUEST_ID, ids::unindexed(request_id));
+        (res.map(|b| ProxyBody::upstream(b, lease)), cell_idx)
+    }
+}
+
+/// The end of a request's attempts: the held retryable answer if there is one (a retry
+/// of it found nowhere to go or failed), else `err`.
+fn give_up(
+    held: Option<Held<'_>>,
+    request_id: &HeaderValue,
+    err: Failed,
+) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
+    match held {
+        Some(h) => Ok(h.answer(request_id)),
+        None => Err(err),
+    }
 }
 
 /// Whether a sent request has somewhere to go again: another untried available instance of
