@@ -77,6 +77,7 @@ impl Default for Breaker {
 }
 
 impl Breaker {
+    #[inline]
     fn state_of(word: u64, now: u64, p: &BreakerPolicy) -> BreakerState {
         match word & STATE_MASK {
             CLOSED => BreakerState::Closed,

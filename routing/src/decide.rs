@@ -105,7 +105,7 @@ impl RoutingTable {
         (slot, self.slots[slot as usize], false)
     }
 
-    #[inline]
+    #[inline(always)]
     fn serves(&self, c: CellIdx, now: u64, avoid: Option<CellIdx>) -> bool {
         avoid != Some(c) && self.cells[usize::from(c)].is_serving(now, &self.health)
     }

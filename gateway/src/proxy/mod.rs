@@ -710,13 +710,7 @@ async fn proxy(
                     }
                 }
                 drop(held);
-                return Ok(Held {
-                    res,
-                    lease,
-                    cell,
-                    cell_idx,
-                }
-                .answer(request_id));
+                return Ok(answer(res, lease, cell, cell_idx, request_id));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -792,22 +786,21 @@ struct Held<'a> {
     cell_idx: cellgate_routing::CellIdx,
 }
 
-impl Held<'_> {
-    /// The response for the client: hop-by-hop headers out, `X-Cell-ID` and
-    /// `X-Request-ID` in.
-    fn answer(self, request_id: &HeaderValue) -> (Response<ProxyBody>, cellgate_routing::CellIdx) {
-        let Held {
-            mut res,
-            lease,
-            cell,
-            cell_idx,
-        } = self;
-        shape::strip_hop_by_hop(res.headers_mut(), false);
-        let h = res.headers_mut();
-        h.insert(X_CELL_ID, cell.id_header.clone());
-        h.insert(X_REQUEST_ID, ids::unindexed(request_id));
-        (res.map(|b| ProxyBody::upstream(b, lease)), cell_idx)
-    }
+/// The response for the client: hop-by-hop headers out, `X-Cell-ID` and `X-Request-ID` in.
+// Always inlined: out of line, the response is moved in and out of the call.
+#[inline(always)]
+fn answer(
+    mut res: Response<hyper::body::Incoming>,
+    lease: Option<send::Lease>,
+    cell: &cellgate_routing::Cell,
+    cell_idx: cellgate_routing::CellIdx,
+    request_id: &HeaderValue,
+) -> (Response<ProxyBody>, cellgate_routing::CellIdx) {
+    shape::strip_hop_by_hop(res.headers_mut(), false);
+    let h = res.headers_mut();
+    h.insert(X_CELL_ID, cell.id_header.clone());
+    h.insert(X_REQUEST_ID, ids::unindexed(request_id));
+    (res.map(|b| ProxyBody::upstream(b, lease)), cell_idx)
 }
 
 /// The end of a request's attempts: the held retryable answer if there is one (a retry
@@ -818,7 +811,7 @@ fn give_up(
     err: Failed,
 ) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
     match held {
-        Some(h) => Ok(h.answer(request_id)),
+        Some(h) => Ok(answer(h.res, h.lease, h.cell, h.cell_idx, request_id)),
         None => Err(err),
     }
 }
