@@ -13,66 +13,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::tls::{self, ca, leaf, provider, self_signed, Pem};
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
-
-struct Pem {
-    cert: String,
-    key: String,
-    der: CertificateDer<'static>,
-}
-
-fn self_signed(name: &str) -> Pem {
-    let c = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
-    Pem {
-        cert: c.cert.pem(),
-        key: c.signing_key.serialize_pem(),
-        der: c.cert.der().clone(),
-    }
-}
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, name.to_owned());
-    let key = KeyPair::generate().unwrap();
-    let cert = p.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(p, key),
-    }
-}
-
-fn leaf(ca: &Ca, name: &str) -> Pem {
-    let p = CertificateParams::new(vec![name.to_owned()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, &ca.issuer).unwrap();
-    Pem {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-        der: cert.der().clone(),
-    }
-}
 
 fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn client_trusting(certs: &[&CertificateDer<'static>]) -> tokio_rustls::TlsConnector {
@@ -229,23 +181,7 @@ async fn a_certificate_replaced_on_disk_serves_new_connections_without_a_failed_
 
 /// A TLS terminator in front of a plaintext demo upstream (the cell's instance).
 async fn tls_upstream(cert: &Pem, plain: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let certs = vec![cert.der.clone()];
-    let key = rustls::pki_types::PrivateKeyDer::try_from(
-        rustls_pemfile::private_key(&mut cert.key.as_bytes())
-            .unwrap()
-            .unwrap()
-            .secret_der()
-            .to_vec(),
-    )
-    .unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tls::acceptor(cert, &[b"http/1.1"]);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let task = tokio::spawn(async move {

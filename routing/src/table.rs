@@ -67,6 +67,20 @@ pub enum UpstreamProtocol {
     H2c,
 }
 
+impl UpstreamProtocol {
+    /// Whether a request goes to the cell's instances over HTTP/2 (`Some(true)`: h2c, or h2
+    /// over the cell's TLS) or HTTP/1.1 (`Some(false)`); `None` when it cannot go at all (gRPC
+    /// to an HTTP/1.1-only cell). The data path and the active probes both ask here, so a
+    /// probe speaks what live traffic speaks.
+    pub fn uses_h2(self, grpc: bool) -> Option<bool> {
+        match (self, grpc) {
+            (Self::H2c, _) | (Self::Auto, true) => Some(true),
+            (Self::Http1, true) => None,
+            (Self::Auto | Self::Http1, false) => Some(false),
+        }
+    }
+}
+
 /// What to do with a request that has no routing key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AnonymousPolicy {
@@ -699,5 +713,20 @@ impl TableBuilder {
             timeouts: self.timeouts,
             health: Arc::new(self.health),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UpstreamProtocol;
+
+    #[test]
+    fn upstream_protocol_picks_http2_for_h2c_cells_and_grpc_on_auto() {
+        assert_eq!(UpstreamProtocol::Auto.uses_h2(false), Some(false));
+        assert_eq!(UpstreamProtocol::Auto.uses_h2(true), Some(true));
+        assert_eq!(UpstreamProtocol::Http1.uses_h2(false), Some(false));
+        assert_eq!(UpstreamProtocol::Http1.uses_h2(true), None);
+        assert_eq!(UpstreamProtocol::H2c.uses_h2(false), Some(true));
+        assert_eq!(UpstreamProtocol::H2c.uses_h2(true), Some(true));
     }
 }

@@ -1,7 +1,8 @@
-//! Opening an upstream connection for phase *send*: TCP (no delay), then TLS when the
-//! cell has a `tls:` section (ALPN `h2` or `http/1.1` to match the protocol the request
-//! needs, the certificate verified against the cell's CA and name). The whole of it is
-//! bounded by the connect timeout. Never blocks and never retries by itself.
+//! Opening an upstream connection for phase *send* (and for the business probe, so it
+//! reaches an instance as live traffic does): TCP (no delay), then TLS when the cell has a
+//! `tls:` section (ALPN `h2` or `http/1.1` to match the protocol the request needs, the
+//! certificate verified against the cell's CA and name). The whole of it is bounded by the
+//! connect timeout. Never blocks and never retries by itself.
 
 use std::io;
 use std::net::SocketAddr;

@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use cellgate_routing::{RoutingTable, SmoothWrr, UpstreamProtocol};
+use cellgate_routing::{RoutingTable, SmoothWrr};
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response};
 use tokio::time::Instant;
@@ -493,14 +493,12 @@ async fn proxy(
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
     let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
-        match (c.protocol, grpc) {
-            (UpstreamProtocol::H2c, _) | (UpstreamProtocol::Auto, true) => Ok(true),
-            (UpstreamProtocol::Http1, true) => Err(ProxyError::UpstreamFailed(format!(
+        c.protocol.uses_h2(grpc).ok_or_else(|| {
+            ProxyError::UpstreamFailed(format!(
                 "cell {} speaks HTTP/1.1 only and cannot carry gRPC",
                 c.id
-            ))),
-            _ => Ok(false),
-        }
+            ))
+        })
     };
     let mut h2 = h2_for(cell).map_err(|e| (e, Some(cell_idx)))?;
     let (mut parts, body) = req.into_parts();

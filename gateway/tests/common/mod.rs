@@ -199,6 +199,7 @@ impl Drop for Gateway {
 }
 
 pub mod etcd;
+pub mod tls;
 
 /// A response, fully read.
 #[derive(Debug)]
