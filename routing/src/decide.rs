@@ -50,6 +50,13 @@ pub enum Reason {
         /// How the key reached the home cell.
         via_override: bool,
     },
+    /// The home cell was failed over by health, but none of its failover targets serves
+    /// now; it keeps its keys while it still has an available instance (a partial outage
+    /// is better than a total one).
+    NoTargetLeft {
+        /// How the key reached the home cell.
+        via_override: bool,
+    },
     /// The request has no key; the best serving cell of this region was chosen.
     Anonymous {
         /// The region the request was placed in, if any.
@@ -154,6 +161,24 @@ impl RoutingTable {
                     },
                 });
             }
+        }
+        // Failed over by health (not by an operator), and every target stopped serving
+        // since: the home cell serves its own keys again if it can at all.
+        if cell.state == CellState::FailedOver
+            && cell.configured_state == CellState::Active
+            && input.avoid != Some(home)
+            && cell.health.breaker_allows(now, &self.health)
+            && cell
+                .instances
+                .iter()
+                .any(|i| i.health.is_available(now, &self.health))
+        {
+            return Ok(Decision {
+                cell: home,
+                home: Some(home),
+                slot,
+                reason: Reason::NoTargetLeft { via_override },
+            });
         }
         Err(DecideError::NoServingCell {
             home: cell.id.to_string(),
@@ -357,6 +382,19 @@ impl RoutingTable {
                         "by slot"
                     },
                     name(d.cell)
+                )
+            }
+            Reason::NoTargetLeft { via_override } => {
+                let home = &self.cells[usize::from(d.cell)];
+                format!(
+                    "home cell {} ({}) was failed over by health ({}), but none of its failover targets serves; it keeps its keys",
+                    home.id,
+                    if via_override {
+                        "by override"
+                    } else {
+                        "by slot"
+                    },
+                    home.health.failover_reason()
                 )
             }
             Reason::Anonymous { region } => match region {

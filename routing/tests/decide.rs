@@ -318,3 +318,80 @@ fn invalid_tables_are_refused_with_a_path() {
         "{err}"
     );
 }
+
+/// A cell failed over by health keeps its keys when none of its failover targets serves
+/// any more (they were drained after it failed over), as long as it has an available
+/// instance: a partial outage is not turned into a total one. A cell an operator took
+/// out (configured failed over or drained) gets no such fallback.
+#[test]
+fn a_health_failed_over_cell_keeps_its_keys_when_no_target_serves() {
+    use cellgate_health::CellSignals;
+    let health = HealthRegistry::new();
+    let policy = HealthPolicy::default();
+    let t = skewed([CellState::Active; 4], &health);
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| t.home_of(k).1 == 0)
+        .unwrap();
+    // 20 % errors over plenty of requests: c0 fails over by health (its targets serve).
+    let c0 = &t.cells()[0].health;
+    for i in 0..2_000u64 {
+        c0.record(1_000 + i / 100, i % 5 == 0, &policy);
+    }
+    let signals = CellSignals {
+        all_down: false,
+        probes_healthy: true,
+        target_available: true,
+    };
+    assert!(c0.evaluate(1_030, signals, &policy.failover).is_some());
+    assert!(c0.is_failed_over());
+    let input = RouteInput {
+        key: Some(&key),
+        now_ms: 1_031,
+        ..Default::default()
+    };
+
+    // Its targets serve: the key goes to the first one.
+    let t = skewed([CellState::Active; 4], &health);
+    assert_eq!(t.cells()[0].state, CellState::FailedOver);
+    let d = t.decide(&input).unwrap();
+    assert_eq!(d.cell, 1);
+    assert!(matches!(d.reason, Reason::Failover { .. }));
+
+    // Every target drained since: c0 serves its own keys again, and says why.
+    let drained = [
+        CellState::Active,
+        CellState::Draining,
+        CellState::Draining,
+        CellState::Draining,
+    ];
+    let t = skewed(drained, &health);
+    let d = t.decide(&input).unwrap();
+    assert_eq!(d.cell, 0);
+    assert_eq!(
+        d.reason,
+        Reason::NoTargetLeft {
+            via_override: false
+        }
+    );
+    let why = t.reason_text(&d);
+    assert!(why.contains("none of its failover targets serves"), "{why}");
+    // Not when the request is leaving c0 (a retry that found no instance there).
+    assert!(t
+        .decide(&RouteInput {
+            avoid: Some(0),
+            ..input
+        })
+        .is_err());
+    // Not for a cell an operator failed over.
+    let t = skewed(
+        [
+            CellState::FailedOver,
+            CellState::Draining,
+            CellState::Draining,
+            CellState::Draining,
+        ],
+        &HealthRegistry::new(),
+    );
+    assert!(t.decide(&input).is_err());
+}
