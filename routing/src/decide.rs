@@ -302,12 +302,17 @@ impl RoutingTable {
             if !usable(i) || inst.weight == 0 || (want_tag && inst.gray.as_deref() != tag) {
                 return 0;
             }
-            let ok = if panic {
-                inst.health.is_probe_up()
-            } else {
-                is_available(i)
-            };
-            if !ok {
+            if panic {
+                // Health is ignored (but a failed probe is not): every probed-up instance
+                // weighs its base weight, on the scale of the published weights, so the
+                // ejected ones share the load instead of getting a trickle of it.
+                return if inst.health.is_probe_up() {
+                    inst.weight.saturating_mul(100)
+                } else {
+                    0
+                };
+            }
+            if !is_available(i) {
                 return 0;
             }
             // A weight not yet published (just recovered) still gets a trickle.

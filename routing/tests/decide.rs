@@ -395,3 +395,48 @@ fn a_health_failed_over_cell_keeps_its_keys_when_no_target_serves() {
     );
     assert!(t.decide(&input).is_err());
 }
+
+/// Below the panic threshold, health is ignored: the ejected instances share the cell's
+/// load by their base weights with the survivor, instead of the survivor taking it all.
+#[test]
+fn below_the_panic_threshold_ejected_instances_share_the_load_by_base_weight() {
+    use cellgate_routing::SmoothWrr;
+    let mut policy = HealthPolicy::default();
+    policy.outlier.panic_threshold = 0.5;
+    policy.outlier.max_ejected_fraction = 1.0;
+    let health = HealthRegistry::new();
+    let build = |health: &HealthRegistry, policy: &HealthPolicy| {
+        let mut c = spec("c0", "r1", CellState::Active, &[]);
+        c.instances = (0..4).map(|i| inst(&format!("c0-{i}"), 2000 + i)).collect();
+        TableBuilder::new(1, 16384)
+            .region("r1")
+            .health(policy.clone())
+            .cell(c)
+            .build(health)
+            .unwrap()
+    };
+    let t = build(&health, &policy);
+    // Eject three of the four.
+    for (n, inst) in t.cells()[0].instances.iter().take(3).enumerate() {
+        for _ in 0..policy.outlier.consecutive_failures {
+            inst.health.record(10, Outcome::Timeout, &policy, n, 4);
+        }
+        assert!(inst.health.is_ejected(11), "instance {n} ejected");
+    }
+    let count = |t: &RoutingTable| {
+        let mut wrr = SmoothWrr::default();
+        let mut n = [0u32; 4];
+        for _ in 0..4_000 {
+            n[t.pick_instance(0, None, &mut wrr, 11, 0).unwrap()] += 1;
+        }
+        n
+    };
+    // The weights published after the ejections (what the controller swaps in).
+    let t = build(&health, &policy);
+    assert_eq!(count(&t), [1_000; 4], "equal base weights, equal shares");
+
+    // Without the panic threshold the survivor takes everything.
+    policy.outlier.panic_threshold = 0.0;
+    let t = build(&health, &policy);
+    assert_eq!(count(&t), [0, 0, 0, 4_000]);
+}
