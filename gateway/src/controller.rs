@@ -192,6 +192,11 @@ fn evaluate_guards(table: &RoutingTable, now: u64) -> Vec<(String, String)> {
             [0u64; LATENCY_BINS_MS.len() + 1],
             [0u64; LATENCY_BINS_MS.len() + 1],
         );
+        // Instances tagged / untagged, and how many of each are ejected now. Ejection wipes
+        // an instance's outcome window, so a canary failing hard enough to be ejected
+        // never reaches the guard's request count: its ejection is the signal.
+        let (mut n_tagged, mut n_untagged, mut ej_tagged, mut ej_untagged) =
+            (0u32, 0u32, 0u32, 0u32);
         for cell in table.cells() {
             if !cell
                 .instances
@@ -202,13 +207,18 @@ fn evaluate_guards(table: &RoutingTable, now: u64) -> Vec<(String, String)> {
             }
             for inst in &cell.instances {
                 let c = inst.health.window_counts(now);
+                let ejected = u32::from(inst.health.is_ejected(now));
                 match inst.gray.as_deref() {
                     Some(t) if t == &*rule.tag => {
+                        n_tagged += 1;
+                        ej_tagged += ejected;
                         tagged.ok += c.ok;
                         tagged.fail += c.fail;
                         inst.health.add_latency_bins(now, &mut tb);
                     }
                     None => {
+                        n_untagged += 1;
+                        ej_untagged += ejected;
                         untagged.ok += c.ok;
                         untagged.fail += c.fail;
                         inst.health.add_latency_bins(now, &mut ub);
@@ -216,6 +226,20 @@ fn evaluate_guards(table: &RoutingTable, now: u64) -> Vec<(String, String)> {
                     Some(_) => {}
                 }
             }
+        }
+        // A larger share of the tagged instances ejected than of the untagged ones.
+        if ej_tagged > 0
+            && u64::from(ej_tagged) * u64::from(n_untagged.max(1))
+                > u64::from(ej_untagged) * u64::from(n_tagged)
+        {
+            trips.push((
+                rule.name.to_string(),
+                format!(
+                    "{ej_tagged} of {n_tagged} instances tagged {} ejected by outlier detection, {ej_untagged} of {n_untagged} untagged",
+                    rule.tag
+                ),
+            ));
+            continue;
         }
         if tagged.total() < g.min_requests {
             continue;

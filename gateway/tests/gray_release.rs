@@ -186,3 +186,54 @@ async fn a_canary_with_five_percent_errors_is_switched_off_by_its_guard() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// A canary failing every request is ejected by outlier detection long before it gathers
+/// the guard's request count (ejection clears its outcome window); its ejection trips the
+/// guard instead, so the rule is switched off and audited all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_every_request_is_switched_off_by_its_guard() {
+    let (_a1, a2, yaml) = canary_cell(
+        "admin:\n  token: t0ken\ngray:\n  - { name: canary-all, tag: canary, percent: 50, guard: { max_error_delta: 0.02, min_requests: 50 } }\nhealth:\n  retry: { statuses: [] }\n",
+    );
+    let dir = TempDir::new("guard-ejected");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let table = table_of(&yaml);
+    let keys: Vec<String> = (0..400)
+        .map(|i| format!("g{i}"))
+        .filter(|k| table.explain(k, 1).unwrap().gray_tag.is_some())
+        .take(20)
+        .collect();
+    fault(a2.addr, r#"{"error_rate": 1.0, "status": 503}"#).await;
+    let t0 = Instant::now();
+    let load = Load::start(gw.addr, keys, 2, Duration::from_secs(20), &[]);
+    let off = gw
+        .wait_log(
+            "gray rule switched off by its guard",
+            Duration::from_secs(8),
+        )
+        .await;
+    let took = t0.elapsed();
+    let _ = load.stop().await;
+    assert!(off, "the guard never tripped ({took:?})");
+    assert!(
+        gw.logs_contain("instances tagged canary ejected by outlier detection"),
+        "the event says why"
+    );
+    let admin = gw.admin_addr.expect("admin listener");
+    let a = get(
+        admin,
+        "/admin/audit?limit=20",
+        &[("authorization", "Bearer t0ken")],
+    )
+    .await;
+    assert!(
+        a.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "gray_rule_disabled"),
+        "audited: {:?}",
+        a.body
+    );
+}
