@@ -123,3 +123,51 @@ async fn invalid_documents_are_rejected_and_the_old_table_keeps_serving() {
         "b drained → its first failover target"
     );
 }
+
+/// A gateway serving its file's routing because the etcd prefix holds no configuration
+/// refuses admin changes with 503: writing one document there would leave a store every
+/// gateway rejects (no settings, no slots) and block `cellgate config push`. After the
+/// push, the same change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_against_an_empty_store_are_refused_and_write_nothing() {
+    let _serial = serial().lock().await;
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs-empty");
+    let yaml = cells.yaml();
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "empty-0");
+    let adm = gw.admin_addr.unwrap();
+    let ready = admin_get(adm, "/readyz").await;
+    assert_eq!(ready["source"], "file_fallback", "{ready}");
+    for dry in ["", "?dry_run=true"] {
+        let err = admin(
+            adm,
+            http::Method::POST,
+            &format!("/admin/cells/a/drain{dry}"),
+            None,
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.0, 503, "{err:?}");
+        assert!(err.1.contains("not from etcd"), "{err:?}");
+    }
+    let store = etcd.store().await;
+    for k in ["cells/a", "settings", "slots"] {
+        assert!(store.raw_get(k).await.unwrap().is_none(), "{k} written");
+    }
+    // The push still works, and the gateway then takes changes.
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin(adm, http::Method::POST, "/admin/cells/a/drain", None).await {
+            Ok(v) => {
+                assert_eq!(v["applied"], true, "{v}");
+                break;
+            }
+            Err((503, _)) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("drain after the push: {e:?}"),
+        }
+    }
+}

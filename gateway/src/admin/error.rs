@@ -86,7 +86,9 @@ impl From<ControlError> for AppError {
                 Self::Conflict(e.to_string())
             }
             ControlError::Store(StoreError::Refused(_)) => Self::BadRequest(e.to_string()),
-            ControlError::Store(_) | ControlError::Audit(_) => Self::Unavailable(e.to_string()),
+            ControlError::Store(_) | ControlError::Audit(_) | ControlError::NotFromStore(_) => {
+                Self::Unavailable(e.to_string())
+            }
             ControlError::Persist(_) | ControlError::Internal(_) => Self::Internal(e.to_string()),
         }
     }

@@ -364,6 +364,11 @@ pub enum ControlError {
     /// Local state could not be written; nothing was changed.
     #[error("cannot persist the admin change: {0}; nothing was changed")]
     Persist(ConfigError),
+    /// In etcd mode, the routing in effect does not come from the store (it holds no
+    /// configuration yet, or was unreachable at start-up): a change written there now would
+    /// be a stray document the fleet refuses, so none is written.
+    #[error("the routing in effect comes from {0}, not from etcd: admin changes need the configuration in the store (cellgate config push) and a gateway that has loaded it; nothing was changed")]
+    NotFromStore(&'static str),
     /// A background task failed.
     #[error("internal: {0}")]
     Internal(String),
@@ -820,6 +825,15 @@ pub async fn mutate(
         Some(c.changes.lock().await)
     };
     let desired = c.desired();
+    if matches!(c.backend, Backend::Etcd { .. }) && desired.source != Source::Etcd {
+        return Err(ControlError::NotFromStore(match desired.source {
+            Source::FileFallback => {
+                "the configuration file (the etcd prefix holds no configuration)"
+            }
+            Source::LastKnownGood => "the last known good table (etcd was unreachable)",
+            Source::File | Source::Etcd => "the configuration file",
+        }));
+    }
     let after_cfg = req.mutation.apply(&desired.config)?;
     let before_table = shared.table.load_full();
     let next = next_version(shared);
