@@ -213,3 +213,45 @@ async fn edits_under_load_fail_nothing_and_invalid_edits_are_rejected() {
         ok + failed
     );
 }
+
+/// The slot count never changes after bootstrap: an edit to `routing.slot_count` (with
+/// slot ranges that fit it) is rejected with the path named, and keys stay where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_of_the_slot_count_is_rejected_and_keys_stay() {
+    let cells = Cells::new();
+    let dir = TempDir::new("slot-count");
+    let path = dir.path("c.yaml");
+    let yaml = cells.yaml("active", "active", 1);
+    write_atomic(&path, &yaml);
+    let gw = Gateway::start(&path);
+    let key = key_in(&yaml, "b");
+    let mut c = H1::connect(gw.addr).await;
+    let before = c.get("/", &[("x-user-id", &key)]).await;
+    assert_eq!(before.header("x-cell-id"), Some("b"));
+    let v = before.echoed("x-routing-version").unwrap();
+
+    let resized = yaml
+        .replace("regions:", "routing: { slot_count: 1024 }\nregions:")
+        .replace("0-8191", "0-511")
+        .replace("8192-12287", "512-767")
+        .replace("12288-16383", "768-1023");
+    assert!(
+        cellgate_config::Config::from_yaml(&resized).is_ok(),
+        "valid on its own"
+    );
+    write_atomic(&path, &resized);
+    assert!(
+        gw.wait_log("configuration rejected", Duration::from_secs(10))
+            .await,
+        "rejection is logged"
+    );
+    assert!(
+        gw.logs_contain("routing.slot_count"),
+        "the log names the path"
+    );
+    for _ in 0..10 {
+        let r = c.get("/", &[("x-user-id", &key)]).await;
+        assert_eq!(r.header("x-cell-id"), Some("b"));
+        assert_eq!(r.echoed("x-routing-version").as_deref(), Some(v.as_str()));
+    }
+}

@@ -287,6 +287,25 @@ async fn install(
 ) -> Result<u64, ConfigError> {
     let c = &shared.control;
     let mut writer = shared.writer.lock().await;
+    // The slot count never changes after bootstrap (SPEC §1): a new count remaps nearly
+    // every key at once. Only a gateway still serving its fallback (no configuration in
+    // etcd yet, or the last known good table) takes the store's count when it arrives.
+    let serving = shared.table.load();
+    let fallback = matches!(
+        c.desired().source,
+        Source::FileFallback | Source::LastKnownGood
+    );
+    if !fallback && cfg.routing.slot_count != serving.slot_count() {
+        return Err(ConfigError::Invalid(vec![cellgate_config::Issue {
+            path: "routing.slot_count".into(),
+            message: format!(
+                "{} differs from the {} in effect; the slot count never changes after bootstrap (it would move nearly every key)",
+                cfg.routing.slot_count,
+                serving.slot_count()
+            ),
+        }]));
+    }
+    drop(serving);
     let version = version.unwrap_or_else(|| next_version(shared));
     let mut gray = writer.gray_overlay.clone();
     gray.rearm(&cfg);
