@@ -526,7 +526,8 @@ pub struct Limits {
     /// closed without an answer (slow-loris defence). Also bounds the TLS handshake.
     pub header_read_timeout: String,
     /// A connection with no request in flight and nothing received for this long is closed
-    /// (HTTP/2: with GOAWAY; default `60s`).
+    /// (HTTP/2: with GOAWAY; default `60s`). Also how long a client may take none of an
+    /// answer in flight (it stopped reading) before its connection is cut.
     pub idle_timeout: String,
     /// Client connections this gateway process holds at once (default 10000). Past it a
     /// new plaintext connection gets a `503` JSON answer and is closed; a new TLS

@@ -10,6 +10,9 @@
 //!   past it the connection is closed without an answer (slow loris);
 //! - **idle**: no request in flight and nothing received for `limits.idle_timeout` closes
 //!   the connection (HTTP/2 with GOAWAY);
+//! - **send stall**: a request in flight whose answer the client has not taken for
+//!   `limits.idle_timeout` (every write to the socket blocked that long: the client stopped
+//!   reading) cuts the connection, which frees its upstream connection too;
 //! - **drain**: once the server drains, a busy HTTP/1 connection finishes its request and
 //!   closes (`Connection: close`); an idle one is given [`DRAIN_LINGER`] for a request
 //!   already on its way, then closed; HTTP/2 gets GOAWAY and its open streams finish.
@@ -105,6 +108,9 @@ pub struct Activity {
     /// Bytes were written since the codec last flushed with an empty buffer: part of an
     /// answer may still sit in hyper's write buffer (a client that stopped reading).
     unflushed: Cell<bool>,
+    /// Since when the socket has taken none of the bytes written to it (the last write
+    /// would block); `None` once a write goes through.
+    write_blocked_since: Cell<Option<Instant>>,
 }
 
 /// A byte-level look at each HTTP/1 request head as it arrives, for what hyper's parser
@@ -307,6 +313,7 @@ impl Activity {
             scan: Cell::new(HeadScan::default()),
             served: Cell::new(false),
             unflushed: Cell::new(false),
+            write_blocked_since: Cell::new(None),
         })
     }
 
@@ -343,6 +350,16 @@ impl Activity {
         }
     }
 
+    /// A write to the socket would block (`blocked`) or went through.
+    #[inline]
+    fn note_write(&self, blocked: bool) {
+        match (blocked, self.write_blocked_since.get()) {
+            (true, None) => self.write_blocked_since.set(Some(Instant::now())),
+            (false, Some(_)) => self.write_blocked_since.set(None),
+            _ => {}
+        }
+    }
+
     /// Whether an HTTP/1 connection can be parked now: it has answered a request, has none
     /// in flight, has received no part of a next one and has been quiet for [`PARK_AFTER`].
     fn parkable(&self, now: Instant) -> bool {
@@ -372,6 +389,14 @@ impl Activity {
             }
         }
         if self.in_flight.get() > 0 {
+            if let Some(t) = self.write_blocked_since.get() {
+                let end = t + s.idle;
+                return if now >= end {
+                    Err(Expired::SendStalled)
+                } else {
+                    Ok(end)
+                };
+            }
             return Ok(now + s.idle);
         }
         let end = self.last_active.get() + s.idle;
@@ -387,6 +412,7 @@ impl Activity {
 enum Expired {
     HeaderRead,
     Idle,
+    SendStalled,
 }
 
 /// The client stream: replays bytes read while detecting the protocol, and tells
@@ -483,7 +509,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.act.unflushed.set(true);
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.act.note_write(r.is_pending());
+        r
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
@@ -492,7 +520,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.act.unflushed.set(true);
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.act.note_write(r.is_pending());
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -861,6 +891,13 @@ async fn drive<C: Served>(
                 // head must not hold the drain up).
                 if let Err(Expired::HeaderRead) = checked {
                     tracing::debug!("request head not received within the header read timeout; connection closed");
+                    return Ended::Cut;
+                }
+                // Nothing can be written to a client that stopped reading: no goodbye.
+                if let Err(Expired::SendStalled) = checked {
+                    tracing::debug!(
+                        "client took none of the answer within the idle timeout; connection closed"
+                    );
                     return Ended::Cut;
                 }
                 if let Some(since) = drain_since {

@@ -745,3 +745,34 @@ async fn past_max_connections_new_clients_get_503_and_are_closed() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client that takes none of an answer for longer than `idle_timeout` has its connection
+/// cut (and with it the upstream response it was holding): a client that never reads
+/// cannot hold a connection and an upstream connection forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_after_the_idle_timeout() {
+    const LEN: usize = 8 << 20;
+    let up = big_body_upstream(LEN).await;
+    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up)])], LIMITS);
+    let dir = TempDir::new("never-reads");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+        .await
+        .unwrap();
+    // Read nothing for twice idle_timeout (2 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What the client reads now ends before the whole answer: the connection was cut.
+    // (Not cut, the rest of the 8 MiB would flow within the wait, keep-alive.)
+    let r = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(r.closed, "connection still open");
+    assert!(
+        r.text.len() < LEN,
+        "the whole answer arrived: {}",
+        r.text.len()
+    );
+    still_serves(gw.addr).await;
+}
