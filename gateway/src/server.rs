@@ -676,6 +676,11 @@ impl Gateway {
                 "SIGTERM: draining; no new connections, in-flight requests finish"
             );
             self.lifecycle.start_drain();
+            // The workers close their listening sockets as their accept loops end; close
+            // this thread's copies too, so new clients are refused at once (a successor, if
+            // any, holds its own) instead of waiting in the backlog until the process
+            // exits. The admin listener stays, to watch the drain.
+            self.listeners.retain(|(name, _)| *name == "admin");
             if self.lifecycle.wait_idle(grace).await {
                 tracing::info!("drained; exiting");
             } else {

@@ -208,6 +208,16 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
             .await
     );
 
+    // New clients are refused outright (the listening socket is closed), not left
+    // waiting in its backlog until the process exits.
+    let end = Instant::now() + Duration::from_secs(2);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            Instant::now() < end,
+            "the proxy port still accepts connections while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // No new connection is served once it drains.
     let end = Instant::now() + Duration::from_secs(3);
     loop {
