@@ -202,3 +202,39 @@ health:
         assert!(r.header("x-request-id").is_some());
     }
 }
+
+/// A keyless request hinted to a region whose chosen cell refuses every connection moves
+/// to another cell of that region, not to the default region: the retry keeps the
+/// request's region hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_retry_stays_in_the_hinted_region() {
+    let (a, c2) = (upstream("a", "a-1"), upstream("c2", "c2-1"));
+    let dead = dead_addr();
+    let yaml = format!(
+        "regions: [r1, r2]
+routing:
+  anonymous: {{ policy: region, default_region: r1 }}
+cells:
+  - id: a
+    region: r1
+    instances: [{{ name: a-1, addr: \"{}\" }}]
+  - id: c1
+    region: r2
+    weight: 1000000
+    instances: [{{ name: c1-1, addr: \"{}\" }}]
+  - id: c2
+    region: r2
+    weight: 1
+    instances: [{{ name: c2-1, addr: \"{}\" }}]
+",
+        a.addr, dead, c2.addr
+    );
+    let dir = TempDir::new("hint-retry");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    // The first request picks c1 (nearly all the region's weight), which refuses.
+    let r = get(gw.addr, "/k", &[("x-region-hint", "r2")]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("x-cell-id"), Some("c2"), "stayed in region r2");
+    assert_eq!(r.json()["instance"], "c2-1");
+}

@@ -580,13 +580,26 @@ async fn proxy(
             }
             .ok()
             .flatten();
+            // And the rest of the first decision's inputs: a keyless request keeps its
+            // region hint, a forced one walks its forced cell's failover targets.
+            let hint = match (&req, &replay) {
+                (Some(r), _) => r.headers().get(headers::X_REGION_HINT).cloned(),
+                (None, Some(r)) => r
+                    .headers
+                    .iter()
+                    .find(|(n, _)| n == headers::X_REGION_HINT)
+                    .map(|(_, v)| v.clone()),
+                (None, None) => None,
+            };
             let input = cellgate_routing::RouteInput {
                 key: key.as_deref(),
+                region_hint: hint.as_ref().and_then(|v| v.to_str().ok()),
                 client_ip: Some(conn.peer.ip()),
+                forced_cell: matches!(routed.decision.reason, cellgate_routing::Reason::Forced)
+                    .then_some(routed.decision.cell),
                 now_ms: now,
                 spread: fastrand::u64(..),
                 avoid: Some(cell_idx),
-                ..Default::default()
             };
             let Ok(d) = table.decide(&input) else { break };
             let Some(next) = table.cell(d.cell) else {
