@@ -225,7 +225,13 @@ impl KeySources {
         for source in &self.sources {
             let raw: Option<Cow<'a, [u8]>> = match source {
                 KeySource::Header(name) => {
-                    let Some(v) = headers.get(name) else { continue };
+                    let mut all = headers.get_all(name).iter();
+                    let Some(v) = all.next() else { continue };
+                    if all.any(|other| other != v) {
+                        return Err(KeyError::Ambiguous {
+                            header: name.as_str().to_owned(),
+                        });
+                    }
                     // Fast path: a visible-ASCII value (nearly every key) is UTF-8 already,
                     // and tab is the only control character `to_str` lets through.
                     if let Ok(s) = v.to_str() {
@@ -538,6 +544,18 @@ mod tests {
             &[("authorization", "Bearer x.y.z"), ("x-user-id", "alice")],
         );
         assert!(matches!(s.extract(&u, &h), Err(KeyError::Jwt(_))));
+    }
+
+    #[test]
+    fn a_key_header_sent_twice_with_different_values_is_refused() {
+        let s = KeySources::new(vec![KeySource::Header(HeaderName::from_static(
+            "x-user-id",
+        ))]);
+        let (u, h) = req("/", &[("x-user-id", "alice"), ("x-user-id", "bob")]);
+        assert!(matches!(s.extract(&u, &h), Err(KeyError::Ambiguous { .. })));
+        // The same value twice names one user.
+        let (u, h) = req("/", &[("x-user-id", "alice"), ("x-user-id", "alice")]);
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
     }
 
     #[test]
