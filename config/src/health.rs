@@ -419,6 +419,12 @@ impl HealthCfg {
                 });
             }
         }
+        if let Some(n) = r.max_attempts.filter(|&n| n > 10) {
+            c.0.push(Issue {
+                path: "health.retry.max_attempts".into(),
+                message: format!("{n} is more than 10"),
+            });
+        }
         let retry = RetryPolicy {
             max_attempts: c
                 .positive(

@@ -109,3 +109,14 @@ fn tls_sections_name_missing_files_and_missing_trust() {
     assert_eq!(missing[0].path, "cells[0].tls.ca_file");
     assert!(Config::from_yaml(&cell("{ insecure_skip_verify: true }")).is_ok());
 }
+
+#[test]
+fn retry_attempts_over_the_maximum_are_named_not_clamped() {
+    let got = issues("health:\n  retry: { max_attempts: 50 }\n");
+    assert!(
+        got.iter()
+            .any(|i| i == "health.retry.max_attempts: 50 is more than 10"),
+        "{got:?}"
+    );
+    assert!(issues("health:\n  retry: { max_attempts: 10 }\n").is_empty());
+}
