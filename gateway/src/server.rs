@@ -647,6 +647,14 @@ impl Gateway {
                     self.opts.watch_interval,
                     hup,
                 ));
+            } else if self.shared.control.is_etcd() {
+                // Routing comes from etcd; say so instead of ignoring the signal silently.
+                let mut hup = hup;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!("SIGHUP: nothing reloaded; in etcd mode routing changes come from etcd, and the file's other sections (health, shedding, limits) apply at restart");
+                    }
+                });
             }
             tokio::spawn(crate::controller::run(
                 Arc::clone(&self.shared),

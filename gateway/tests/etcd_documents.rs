@@ -171,3 +171,24 @@ async fn admin_changes_against_an_empty_store_are_refused_and_write_nothing() {
         }
     }
 }
+
+/// In etcd mode SIGHUP reloads nothing, and the gateway says so instead of ignoring it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_in_etcd_mode_is_answered_with_a_log_line() {
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs-hup");
+    let yaml = cells.yaml();
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "hup-0");
+    let pid = nix::unistd::Pid::from_raw(gw.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(
+        gw.wait_log("SIGHUP: nothing reloaded", Duration::from_secs(5))
+            .await,
+        "no word about the SIGHUP"
+    );
+    // Still serving.
+    let admin = gw.admin_addr.unwrap();
+    assert!(version(admin).await > 0);
+}
