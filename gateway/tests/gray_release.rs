@@ -19,6 +19,16 @@ fn canary_cell(extra: &str) -> (Upstream, Upstream, String) {
     (a1, a2, y)
 }
 
+/// `n` keys the configuration `yaml` tags.
+fn tagged_keys(yaml: &str, n: usize) -> Vec<String> {
+    let table = table_of(yaml);
+    (0..400)
+        .map(|i| format!("g{i}"))
+        .filter(|k| table.explain(k, 1).unwrap().gray_tag.is_some())
+        .take(n)
+        .collect()
+}
+
 /// Send every key once over `clients` connections; (key, instance, upstream's x-gray-tag).
 async fn sweep(
     addr: std::net::SocketAddr,
@@ -105,12 +115,7 @@ async fn a_canary_with_five_percent_errors_is_switched_off_by_its_guard() {
     let dir = TempDir::new("guard");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    let table = table_of(&yaml);
-    let keys: Vec<String> = (0..400)
-        .map(|i| format!("g{i}"))
-        .filter(|k| table.explain(k, 1).unwrap().gray_tag.is_some())
-        .take(50)
-        .collect();
+    let keys = tagged_keys(&yaml, 50);
     let load = Load::start(gw.addr, keys, 4, Duration::from_secs(30), &[]);
     assert!(
         load.wait_for(Duration::from_secs(10), |s| s.len() > 100)
@@ -198,12 +203,7 @@ async fn a_canary_failing_every_request_is_switched_off_by_its_guard() {
     let dir = TempDir::new("guard-ejected");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    let table = table_of(&yaml);
-    let keys: Vec<String> = (0..400)
-        .map(|i| format!("g{i}"))
-        .filter(|k| table.explain(k, 1).unwrap().gray_tag.is_some())
-        .take(20)
-        .collect();
+    let keys = tagged_keys(&yaml, 20);
     fault(a2.addr, r#"{"error_rate": 1.0, "status": 503}"#).await;
     let t0 = Instant::now();
     let load = Load::start(gw.addr, keys, 2, Duration::from_secs(20), &[]);

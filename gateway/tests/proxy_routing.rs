@@ -203,12 +203,7 @@ async fn h2c_prior_knowledge_is_routed_by_key() {
     std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
     let table = table_of(&f.yaml);
-    let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h2c_client(gw.addr).await;
     for key in ["alice", "bob", "carol", "dave", "erin"] {
         let req = Request::get(format!("http://gateway.test/h2/{key}"))
             .header("x-user-id", key)
@@ -238,12 +233,7 @@ async fn h2_split_cookies_reach_an_http1_upstream_as_one_field() {
     let dir = TempDir::new("h2-cookies");
     std::fs::write(dir.path("c.yaml"), &f.yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    let s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = h2c_client(gw.addr).await;
     let req = Request::get("http://gateway.test/c")
         .header("x-user-id", "alice")
         .header("cookie", "session=s1")
@@ -260,6 +250,18 @@ async fn h2_split_cookies_reach_an_http1_upstream_as_one_field() {
         body["headers"]["cookie"], "session=s1; theme=dark; lang=en",
         "{body}"
     );
+}
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`.
+async fn h2c_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    tx
 }
 
 /// Read one HTTP/2 frame: (type, flags, stream id, payload).
