@@ -129,10 +129,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             open = open.route(r.path, r.handler);
         }
     }
-    // Unknown /admin paths still need the token first, then get a JSON 404.
+    // Unknown /admin paths still need the token first, then get a JSON 404. A known
+    // /admin path called with another method needs it too, then gets a JSON 405: the
+    // 405 fallback is set on the admin routes before the auth layer wraps them (`layer`,
+    // unlike `route_layer`, wraps the fallbacks as well).
     let admin = admin
         .route("/admin/{*rest}", any(handlers::not_found))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&shared),
             auth,
         ));
