@@ -601,7 +601,13 @@ impl Gateway {
             "admin",
             boot.admin.try_clone().map_err(GatewayError::Runtime)?,
         ));
-        let admin_addr = crate::control::start(&shared, &boot.runtime, boot.admin, http_addr)?;
+        let admin_addr = crate::control::start(
+            &shared,
+            &boot.runtime,
+            boot.admin,
+            boot.admin_tls,
+            http_addr,
+        )?;
         Ok(Self {
             shared,
             http_addr,

@@ -420,6 +420,8 @@ pub struct Boot {
     pub runtime: ControlRuntime,
     /// The bound admin listener.
     pub admin: std::net::TcpListener,
+    /// The admin listener's TLS (client certificates required), when `admin.tls` is set.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 fn default_state_dir(opts: &RunOptions) -> PathBuf {
@@ -463,10 +465,18 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
         .admin_listen
         .clone()
         .unwrap_or_else(|| opts.config.admin.listen.clone());
+    let cfg = &opts.config;
+    let admin_tls = match &cfg.admin.tls {
+        Some(t) => {
+            let server = crate::tls::admin_server_config(&t.cert, &t.key, &t.client_ca)
+                .map_err(|e| GatewayError::Control(format!("admin.tls: {e}")))?;
+            Some(server)
+        }
+        None => None,
+    };
     let admin = crate::server::bind_or_inherit("admin", &admin_listen)?;
     let admin_addr = admin.local_addr().map_err(GatewayError::Runtime)?;
 
-    let cfg = &opts.config;
     let mut tokens = Vec::new();
     match (&opts.admin_token, &cfg.admin.token) {
         (Some(t), _) | (None, Some(t)) if !t.is_empty() => {
@@ -681,15 +691,18 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
         state,
         runtime: ControlRuntime(Some(rt)),
         admin,
+        admin_tls,
     })
 }
 
-/// Start the control plane's tasks on its runtime: the admin API, and with etcd the watch
-/// and the fleet registration. Returns the admin address.
+/// Start the control plane's tasks on its runtime: the admin API (over TLS with client
+/// certificates required when `admin_tls` is given), and with etcd the watch and the fleet
+/// registration. Returns the admin address.
 pub fn start(
     shared: &Arc<Shared>,
     runtime: &ControlRuntime,
     admin: std::net::TcpListener,
+    admin_tls: Option<Arc<rustls::ServerConfig>>,
     proxy: SocketAddr,
 ) -> Result<SocketAddr, GatewayError> {
     let Some(handle) = runtime.handle() else {
@@ -705,16 +718,14 @@ pub fn start(
         tokio::net::TcpListener::from_std(admin).map_err(GatewayError::Runtime)?
     };
     let router = crate::admin::router(Arc::clone(shared));
-    handle.spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    });
+    let mtls = admin_tls.is_some();
+    let acceptor = admin_tls.map(tokio_rustls::TlsAcceptor::from);
+    handle.spawn(crate::admin::serve(listener, acceptor, router));
     if shared.control.is_etcd() {
         handle.spawn(etcd_sync::run(Arc::clone(shared)));
         handle.spawn(etcd_sync::fleet(Arc::clone(shared)));
     }
-    tracing::info!(listener = "admin", addr = %admin_addr, "listening");
+    tracing::info!(listener = "admin", addr = %admin_addr, mtls, "listening");
     Ok(admin_addr)
 }
 
