@@ -449,10 +449,35 @@ fn host_name() -> String {
         .unwrap_or_else(|| "gateway".into())
 }
 
+/// The command-line overrides of `etcd.prefix` and `etcd.gateway_id` pass the checks the
+/// keys get in the file; an error names the flag.
+fn check_overrides(opts: &RunOptions) -> Result<(), GatewayError> {
+    if let Some(p) = opts.etcd_prefix.as_deref() {
+        if !cellgate_config::valid_prefix(p) {
+            return Err(GatewayError::BadOption {
+                flag: "--etcd-prefix",
+                value: p.to_owned(),
+                message: "must start and end with '/'",
+            });
+        }
+    }
+    if let Some(id) = opts.gateway_id.as_deref() {
+        if !cellgate_config::valid_id(id) {
+            return Err(GatewayError::BadOption {
+                flag: "--gateway-id",
+                value: id.to_owned(),
+                message: "must be 1-64 letters, digits, '.', '_' or '-'",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Prepare the control plane: its runtime, the admin listener, the admin tokens, and the
 /// first table (from the file and overlay, or from etcd, the last known good table, or the
 /// file, in that order).
 pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayError> {
+    check_overrides(opts)?;
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(1)
         .max_blocking_threads(4)
