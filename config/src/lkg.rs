@@ -8,7 +8,9 @@
 //! Format: one JSON object `{"format": 1, "version": <table version>, "checksum":
 //! "xxh3-64:<hex>", "config": "<the configuration as a JSON string>"}`. The checksum
 //! covers the exact bytes of `config`; a torn or edited file is refused, never half-used.
-//! Writes go to a temporary file that is synced and renamed over the old one.
+//! Writes go to a temporary file that is synced and renamed over the old one. The file holds
+//! secrets (`admin.token`, `admin.tokens`, the JWT `hs256_secret`), so on Unix it is
+//! readable and writable by its owner only (mode `0600`).
 //!
 //! What it must never do: return a configuration whose checksum does not match, or leave
 //! a partly written file under the final name.
@@ -79,12 +81,33 @@ pub fn save(path: &Path, version: u64, config: &Config) -> Result<(), LkgError> 
     }
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = create_private(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
+}
+
+/// Create (or truncate) `path` readable and writable by its owner only: the file holds the
+/// admin tokens and the JWT secret. A file left over from an earlier write keeps whatever
+/// mode it had when opened, so the mode is set again explicitly.
+#[cfg(unix)]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
+#[cfg(not(unix))]
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::create(path)
 }
 
 /// Read and check `path`: the table version and the configuration (validated).
@@ -139,6 +162,32 @@ mod tests {
 
         std::fs::write(&path, &text[..text.len() / 2]).unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("not JSON"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cellgate-lkg-mode-{}", std::process::id()));
+        let path = dir.join("lkg.json");
+        let mode = |p: &Path| {
+            format!(
+                "{:o}",
+                std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+            )
+        };
+        let cfg = Config::from_yaml(crate::DEMO_YAML).unwrap();
+        save(&path, 1, &cfg).unwrap();
+        assert_eq!(mode(&path), "600");
+        // A file (and a stale temporary file) left world-readable by an older version.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, "stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        save(&path, 2, &cfg).unwrap();
+        assert_eq!(mode(&path), "600");
+        assert_eq!(load(&path).unwrap().0, 2);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

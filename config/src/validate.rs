@@ -49,6 +49,12 @@ pub fn valid_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// Whether `s` is a valid etcd key prefix (`etcd.prefix`, `--etcd-prefix`): it starts and
+/// ends with `/`.
+pub fn valid_prefix(s: &str) -> bool {
+    s.starts_with('/') && s.ends_with('/')
+}
+
 /// Parse a slot range `lo-hi` or a single slot `n` (inclusive).
 pub fn parse_range(s: &str) -> Option<(u32, u32)> {
     match s.split_once('-') {
@@ -191,7 +197,7 @@ impl Config {
                     );
                 }
             }
-            if !etcd.prefix.starts_with('/') || !etcd.prefix.ends_with('/') {
+            if !valid_prefix(&etcd.prefix) {
                 is.push(
                     "etcd.prefix",
                     format!("{:?} must start and end with '/'", etcd.prefix),

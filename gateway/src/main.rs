@@ -402,7 +402,7 @@ fn config_push(
             print_config_error(&path.display().to_string(), &e);
             ExitCode::from(1)
         })?;
-    if !prefix.starts_with('/') || !prefix.ends_with('/') {
+    if !cellgate_config::valid_prefix(prefix) {
         eprintln!("cellgate config push: --prefix {prefix:?} must start and end with '/'");
         return Err(ExitCode::from(2));
     }

@@ -247,6 +247,16 @@ pub enum GatewayError {
     /// The control plane (admin API, configuration store) could not start.
     #[error("control plane: {0}")]
     Control(String),
+    /// A command-line override does not pass the check its configuration key gets.
+    #[error("{flag} {value:?}: {message}")]
+    BadOption {
+        /// The flag (`--etcd-prefix`).
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        message: &'static str,
+    },
 }
 
 /// How to run the gateway.
@@ -270,9 +280,9 @@ pub struct RunOptions {
     pub admin_token: Option<String>,
     /// etcd endpoints (`--etcd`), overriding `etcd.endpoints`; etcd becomes the source.
     pub etcd: Option<Vec<String>>,
-    /// Override of `etcd.prefix`.
+    /// Override of `etcd.prefix` (`--etcd-prefix`); checked like the key.
     pub etcd_prefix: Option<String>,
-    /// Override of `etcd.gateway_id`.
+    /// Override of `etcd.gateway_id` (`--gateway-id`); checked like the key.
     pub gateway_id: Option<String>,
     /// Override of `admin.state_dir`.
     pub state_dir: Option<PathBuf>,
@@ -601,7 +611,13 @@ impl Gateway {
             "admin",
             boot.admin.try_clone().map_err(GatewayError::Runtime)?,
         ));
-        let admin_addr = crate::control::start(&shared, &boot.runtime, boot.admin, http_addr)?;
+        let admin_addr = crate::control::start(
+            &shared,
+            &boot.runtime,
+            boot.admin,
+            boot.admin_tls,
+            http_addr,
+        )?;
         Ok(Self {
             shared,
             http_addr,

@@ -160,6 +160,34 @@ async fn every_admin_path_needs_the_bearer_token() {
 }
 
 #[tokio::test]
+async fn a_wrong_method_on_an_admin_path_needs_the_token_before_its_405() {
+    let api = Api::demo();
+    let mut checked = 0;
+    for r in cellgate::admin::routes().iter().filter(|r| r.auth) {
+        let path = r.path.replace("{id}", "bj-1");
+        let wrong = if r.method == Method::DELETE {
+            Method::PATCH
+        } else {
+            Method::DELETE
+        };
+        for token in [None, Some("wrong-token")] {
+            let (s, v) = api.raw(wrong.clone(), &path, token, None).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{wrong} {path} with {token:?}");
+            assert!(v["error"].is_string(), "{wrong} {path}: {v}");
+        }
+        let (s, v) = api.raw(wrong.clone(), &path, Some(TOKEN), None).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED, "{wrong} {path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("method"), "{v}");
+        checked += 1;
+    }
+    assert_eq!(checked, 13);
+    // The open endpoints keep answering a wrong method with 405, no token asked.
+    let (s, _) = api.raw(Method::POST, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(api.shared.table.load().version(), 1, "nothing changed");
+}
+
+#[tokio::test]
 async fn the_openapi_description_matches_the_router() {
     let api = Api::demo();
     let (s, doc) = api.get("/admin/openapi.json").await;

@@ -140,3 +140,67 @@ async fn the_demo_serves_alice_from_her_home_cell() {
         "alice moves to bj-1 after bj-2 refuses: {seen:?}"
     );
 }
+
+/// `cellgate run` with `args`, expected to refuse to start: its exit status and stderr.
+/// Killed (and reported as still running) if it has not exited within 20 s.
+fn run_refused(args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let dir = TempDir::new("refused");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", DEMO, "--listen", "127.0.0.1:0"])
+        .args(["--admin-listen", "127.0.0.1:0", "--workers", "1"])
+        .args(["--state-dir", dir.0.to_str().unwrap()])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let Some(status) = status else {
+        panic!("cellgate run {args:?} kept running; stderr: {err}");
+    };
+    (status.code(), err)
+}
+
+#[test]
+fn run_checks_the_etcd_prefix_and_gateway_id_overrides_like_the_file_keys() {
+    let etcd = format!("http://{}", dead_addr());
+    let (code, err) = run_refused(&["--etcd", &etcd, "--etcd-prefix", "/cellgate"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--etcd-prefix \"/cellgate\": must start and end with '/'"),
+        "{err}"
+    );
+    let (code, err) = run_refused(&["--etcd-prefix", "cellgate/"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--etcd-prefix \"cellgate/\""), "{err}");
+
+    let (code, err) = run_refused(&["--etcd", &etcd, "--gateway-id", "gw 1/../x"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--gateway-id \"gw 1/../x\": must be 1-64 letters, digits"),
+        "{err}"
+    );
+    let long = "g".repeat(65);
+    let (code, err) = run_refused(&["--gateway-id", &long]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--gateway-id"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! TLS against the real binary: a certificate replaced on disk serves new connections
 //! without a restart and without a failed request (a bad replacement is refused and the
 //! previous one keeps serving); upstream TLS per cell (CA and name verified, or
-//! `insecure_skip_verify`); and the admin API's mTLS server configuration.
+//! `insecure_skip_verify`); the admin API's mTLS server configuration, and the admin
+//! listener of the real binary serving only clients with a certificate from `client_ca`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -322,4 +323,160 @@ async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca(
         talk(client(Some(&stranger))).await.is_err(),
         "a certificate from another CA accepted"
     );
+}
+
+/// One admin request on a new TLS connection: the status and body, or why it failed
+/// (handshake, the server closing the connection after it, or the request itself).
+async fn admin_tls_request(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let res = tx
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.map_err(|e| e.to_string())?;
+    Ok((
+        status,
+        String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificate_from_its_ca() {
+    let server_ca = ca("server CA");
+    let client_ca = ca("admin clients CA");
+    let other_ca = ca("someone else");
+    let server = leaf(&server_ca, "localhost");
+    let dir = TempDir::new("adminmtls");
+    std::fs::write(dir.path("cert.pem"), &server.cert).unwrap();
+    std::fs::write(dir.path("key.pem"), &server.key).unwrap();
+    std::fs::write(dir.path("client_ca.pem"), &client_ca.pem).unwrap();
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        &format!(
+            "admin:\n  token: s3cret\n  tls: {{ cert: {}, key: {}, client_ca: {} }}\n",
+            dir.path("cert.pem").display(),
+            dir.path("key.pem").display(),
+            dir.path("client_ca.pem").display()
+        ),
+    );
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let admin = gw.admin_addr.expect("admin listener");
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut server_ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let roots = Arc::new(roots);
+    let client = |identity: Option<&Pem>| {
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(Arc::clone(&roots));
+        let mut cfg = match identity {
+            None => b.with_no_client_auth(),
+            Some(p) => {
+                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
+                    .unwrap()
+                    .unwrap();
+                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
+            }
+        };
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let operator = client(Some(&leaf(&client_ca, "operator")));
+    let call = |c: tokio_rustls::TlsConnector, m: http::Method, path: &'static str, token| async move {
+        admin_tls_request(admin, &c, m, path, token).await
+    };
+
+    // A client certificate from client_ca and the token: served.
+    let (s, body) = call(
+        operator.clone(),
+        http::Method::GET,
+        "/admin/cells",
+        Some("s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("\"a\""), "{body}");
+    // The certificate does not replace the token.
+    let (s, _) = call(operator.clone(), http::Method::GET, "/admin/cells", None)
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    let (s, _) = call(
+        operator.clone(),
+        http::Method::DELETE,
+        "/admin/cells/a",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 401, "a wrong method without the token");
+
+    // Plain HTTP on the admin port gets no answer.
+    let plain = async {
+        let s = TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get("/admin/cells")
+            .header("host", "localhost")
+            .header("authorization", "Bearer s3cret")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = tx.send_request(req).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(res.status().as_u16())
+    };
+    let r = tokio::time::timeout(Duration::from_secs(10), plain)
+        .await
+        .expect("plain HTTP request left hanging");
+    assert!(r.is_err(), "plain HTTP answered: {r:?}");
+    // TLS without a client certificate, or with one from another CA: refused.
+    for (what, c) in [
+        ("no client certificate", client(None)),
+        (
+            "another CA's certificate",
+            client(Some(&leaf(&other_ca, "operator"))),
+        ),
+    ] {
+        let r = call(c, http::Method::GET, "/admin/cells", Some("s3cret")).await;
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+    assert!(
+        gw.wait_log("admin TLS handshake failed", Duration::from_secs(5))
+            .await
+    );
+
+    // The failed handshakes did not take the listener down.
+    let (s, body) = call(operator, http::Method::GET, "/admin/table", Some("s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{body}");
 }

@@ -15,6 +15,11 @@
 //! - Mutations take `?dry_run=true` (answer with the plan, change nothing) and
 //!   `?force=true` (ignore `admin.max_move_share`), and are audited before they answer.
 //!
+//! Transport: [`serve`] answers HTTP/1.1 over plain TCP, or, with `admin.tls` set, only over
+//! TLS with a client certificate that chains to `admin.tls.client_ca` (mTLS; HTTP/1.1 or
+//! h2 by ALPN). A failed or timed-out handshake closes that connection with a log line;
+//! the listener keeps accepting. The certificates are read at start-up.
+//!
 //! What it must never do: run on a worker thread, touch the request path, or change the
 //! table other than through [`crate::control::mutate`].
 
@@ -22,6 +27,7 @@ mod error;
 mod handlers;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::Method;
@@ -30,7 +36,12 @@ use axum::response::Response;
 use axum::routing::{any, get, on, MethodFilter, MethodRouter};
 use axum::Router;
 use bytes::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 pub use error::AppError;
 
@@ -129,10 +140,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
             open = open.route(r.path, r.handler);
         }
     }
-    // Unknown /admin paths still need the token first, then get a JSON 404.
+    // Unknown /admin paths still need the token first, then get a JSON 404. A known
+    // /admin path called with another method needs it too, then gets a JSON 405: the
+    // 405 fallback is set on the admin routes before the auth layer wraps them (`layer`,
+    // unlike `route_layer`, wraps the fallbacks as well).
     let admin = admin
         .route("/admin/{*rest}", any(handlers::not_found))
-        .route_layer(axum::middleware::from_fn_with_state(
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&shared),
             auth,
         ));
@@ -140,6 +155,55 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(shared)
+}
+
+/// How long a client has to complete the admin listener's TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve `router` on `listener` until the runtime stops: plain HTTP/1.1, or TLS through
+/// `tls` (whose configuration requires a client certificate) with HTTP/1.1 or h2 by ALPN.
+/// Accept errors are logged and retried; a failed or timed-out handshake only drops its
+/// connection.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Router) {
+    let Some(acceptor) = tls else {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+        return;
+    };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = "admin", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(listener = "admin", client = %peer, error = %e, "admin TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = "admin", client = %peer, "admin TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(router);
+            let conn = auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = conn.serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(listener = "admin", client = %peer, error = %e, "admin connection failed");
+            }
+        });
+    }
 }
 
 async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {

@@ -444,6 +444,8 @@ pub struct Boot {
     pub runtime: ControlRuntime,
     /// The bound admin listener.
     pub admin: std::net::TcpListener,
+    /// The admin listener's TLS (client certificates required), when `admin.tls` is set.
+    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 fn default_state_dir(opts: &RunOptions) -> PathBuf {
@@ -471,10 +473,35 @@ fn host_name() -> String {
         .unwrap_or_else(|| "gateway".into())
 }
 
+/// The command-line overrides of `etcd.prefix` and `etcd.gateway_id` pass the checks the
+/// keys get in the file; an error names the flag.
+fn check_overrides(opts: &RunOptions) -> Result<(), GatewayError> {
+    if let Some(p) = opts.etcd_prefix.as_deref() {
+        if !cellgate_config::valid_prefix(p) {
+            return Err(GatewayError::BadOption {
+                flag: "--etcd-prefix",
+                value: p.to_owned(),
+                message: "must start and end with '/'",
+            });
+        }
+    }
+    if let Some(id) = opts.gateway_id.as_deref() {
+        if !cellgate_config::valid_id(id) {
+            return Err(GatewayError::BadOption {
+                flag: "--gateway-id",
+                value: id.to_owned(),
+                message: "must be 1-64 letters, digits, '.', '_' or '-'",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Prepare the control plane: its runtime, the admin listener, the admin tokens, and the
 /// first table (from the file and overlay, or from etcd, the last known good table, or the
 /// file, in that order).
 pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayError> {
+    check_overrides(opts)?;
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.worker_threads(1)
         .max_blocking_threads(4)
@@ -487,10 +514,18 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
         .admin_listen
         .clone()
         .unwrap_or_else(|| opts.config.admin.listen.clone());
+    let cfg = &opts.config;
+    let admin_tls = match &cfg.admin.tls {
+        Some(t) => {
+            let server = crate::tls::admin_server_config(&t.cert, &t.key, &t.client_ca)
+                .map_err(|e| GatewayError::Control(format!("admin.tls: {e}")))?;
+            Some(server)
+        }
+        None => None,
+    };
     let admin = crate::server::bind_or_inherit("admin", &admin_listen)?;
     let admin_addr = admin.local_addr().map_err(GatewayError::Runtime)?;
 
-    let cfg = &opts.config;
     let mut tokens = Vec::new();
     match (&opts.admin_token, &cfg.admin.token) {
         (Some(t), _) | (None, Some(t)) if !t.is_empty() => {
@@ -705,15 +740,18 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
         state,
         runtime: ControlRuntime(Some(rt)),
         admin,
+        admin_tls,
     })
 }
 
-/// Start the control plane's tasks on its runtime: the admin API, and with etcd the watch
-/// and the fleet registration. Returns the admin address.
+/// Start the control plane's tasks on its runtime: the admin API (over TLS with client
+/// certificates required when `admin_tls` is given), and with etcd the watch and the fleet
+/// registration. Returns the admin address.
 pub fn start(
     shared: &Arc<Shared>,
     runtime: &ControlRuntime,
     admin: std::net::TcpListener,
+    admin_tls: Option<Arc<rustls::ServerConfig>>,
     proxy: SocketAddr,
 ) -> Result<SocketAddr, GatewayError> {
     let Some(handle) = runtime.handle() else {
@@ -729,16 +767,14 @@ pub fn start(
         tokio::net::TcpListener::from_std(admin).map_err(GatewayError::Runtime)?
     };
     let router = crate::admin::router(Arc::clone(shared));
-    handle.spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "admin API stopped");
-        }
-    });
+    let mtls = admin_tls.is_some();
+    let acceptor = admin_tls.map(tokio_rustls::TlsAcceptor::from);
+    handle.spawn(crate::admin::serve(listener, acceptor, router));
     if shared.control.is_etcd() {
         handle.spawn(etcd_sync::run(Arc::clone(shared)));
         handle.spawn(etcd_sync::fleet(Arc::clone(shared)));
     }
-    tracing::info!(listener = "admin", addr = %admin_addr, "listening");
+    tracing::info!(listener = "admin", addr = %admin_addr, mtls, "listening");
     Ok(admin_addr)
 }
 
