@@ -3,7 +3,9 @@
 //! Every subcommand is one HTTP call to the admin API (the same endpoints, the same
 //! rules): the answer's JSON is printed; an error answer is printed to stderr and the
 //! command exits 1. The address comes from `--admin` (default `127.0.0.1:9901`), the token
-//! from `--token` or `CELLGATE_ADMIN_TOKEN`.
+//! from `--token` or `CELLGATE_ADMIN_TOKEN`. An admin API served over TLS (`admin.tls`,
+//! mTLS) is reached with `--ca` (the CA its certificate chains to) and `--cert`/`--key` (the
+//! client certificate); `--admin https://host:port` says TLS too and needs `--ca`.
 //!
 //! It must never retry a mutation on its own: a mutation that timed out may have been
 //! applied (the audit log says).
@@ -137,6 +139,9 @@ pub enum CtlError {
         /// The error message.
         message: String,
     },
+    /// TLS to the admin API: bad files, or a failed handshake.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Percent-encode a query value.
@@ -204,7 +209,22 @@ pub fn request_of(cmd: &CtlCommand) -> (Method, String, Option<Value>) {
     }
 }
 
-/// Call the admin API at `admin` (`host:port` or `http://host:port`).
+/// How `ctl` reaches an admin API served over TLS.
+#[derive(Clone, Debug)]
+pub struct AdminTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl AdminTls {
+    /// Trust `ca_path`; present `client` (certificate and key files) for mTLS.
+    pub fn load(ca_path: &str, client: Option<(&str, &str)>) -> Result<Self, CtlError> {
+        crate::tls::admin_client_config(ca_path, client)
+            .map(|config| Self { config })
+            .map_err(|e| CtlError::Tls(e.to_string()))
+    }
+}
+
+/// Call the admin API at `admin` (`host:port` or `http://host:port`) in plain HTTP.
 pub async fn call(
     admin: &str,
     token: Option<&str>,
@@ -212,10 +232,30 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, CtlError> {
+    call_with(admin, None, token, method, path, body).await
+}
+
+/// Call the admin API at `admin` (`host:port`, `http://…` or `https://…`), over TLS when
+/// `tls` is given.
+pub async fn call_with(
+    admin: &str,
+    tls: Option<&AdminTls>,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, CtlError> {
+    let https = admin.starts_with("https://");
     let addr = admin
         .trim_start_matches("http://")
+        .trim_start_matches("https://")
         .trim_end_matches('/')
         .to_owned();
+    if https && tls.is_none() {
+        return Err(CtlError::Tls(format!(
+            "{admin} is https: give the CA its certificate chains to with --ca"
+        )));
+    }
     let connect_err = |message: String| CtlError::Connect {
         addr: addr.clone(),
         message,
@@ -224,10 +264,30 @@ pub async fn call(
         let stream = tokio::net::TcpStream::connect(&addr)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| connect_err(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut tx = match tls {
+            None => {
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                tokio::spawn(conn);
+                tx
+            }
+            Some(t) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|e| CtlError::Tls(format!("{host}: {e}")))?;
+                let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&t.config))
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| CtlError::Tls(format!("TLS handshake with {addr}: {e}")))?;
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| connect_err(e.to_string()))?;
+                tokio::spawn(conn);
+                tx
+            }
+        };
         let mut b = Request::builder()
             .method(method)
             .uri(path)
@@ -278,9 +338,14 @@ pub async fn call(
 }
 
 /// Run one subcommand.
-pub async fn run(admin: &str, token: Option<&str>, cmd: &CtlCommand) -> Result<Value, CtlError> {
+pub async fn run(
+    admin: &str,
+    tls: Option<&AdminTls>,
+    token: Option<&str>,
+    cmd: &CtlCommand,
+) -> Result<Value, CtlError> {
     let (method, path, body) = request_of(cmd);
-    call(admin, token, method, &path, body).await
+    call_with(admin, tls, token, method, &path, body).await
 }
 
 #[cfg(test)]

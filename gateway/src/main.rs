@@ -146,6 +146,16 @@ enum Command {
         /// Bearer token.
         #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// TLS: PEM file of the CA the admin API's certificate chains to (an admin API with
+        /// `admin.tls`); turns TLS on.
+        #[arg(long, env = "CELLGATE_ADMIN_CA")]
+        ca: Option<String>,
+        /// mTLS: PEM client certificate chain (with `--key`).
+        #[arg(long, env = "CELLGATE_ADMIN_CERT", requires = "key")]
+        cert: Option<String>,
+        /// mTLS: PEM private key of `--cert`.
+        #[arg(long, env = "CELLGATE_ADMIN_KEY", requires = "cert")]
+        key: Option<String>,
         #[command(subcommand)]
         command: cellgate::ctl::CtlCommand,
     },
@@ -363,10 +373,35 @@ fn run(command: Command) -> Result<(), ExitCode> {
         Command::Ctl {
             admin,
             token,
+            ca,
+            cert,
+            key,
             command,
         } => {
+            let tls = match (&ca, &cert) {
+                (Some(ca), _) => {
+                    let client = cert.as_deref().zip(key.as_deref());
+                    match cellgate::ctl::AdminTls::load(ca, client) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            eprintln!("cellgate ctl: {e}");
+                            return Err(ExitCode::from(1));
+                        }
+                    }
+                }
+                (None, Some(_)) => {
+                    eprintln!("cellgate ctl: --cert needs --ca (the CA the admin API's certificate chains to)");
+                    return Err(ExitCode::from(2));
+                }
+                (None, None) => None,
+            };
             let rt = small_runtime("cellgate ctl")?;
-            match rt.block_on(cellgate::ctl::run(&admin, token.as_deref(), &command)) {
+            match rt.block_on(cellgate::ctl::run(
+                &admin,
+                tls.as_ref(),
+                token.as_deref(),
+                &command,
+            )) {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     Ok(())

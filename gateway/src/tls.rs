@@ -136,6 +136,31 @@ pub fn admin_server_config(
     Ok(Arc::new(cfg))
 }
 
+/// `cellgate ctl`'s client configuration for an admin API served over TLS: server
+/// certificates must chain to a CA in `ca_path`; the certificate and key of `client`, when
+/// given, are presented for mTLS. ALPN `http/1.1`.
+pub fn admin_client_config(
+    ca_path: &str,
+    client: Option<(&str, &str)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| TlsError::Invalid(e.to_string()))?
+        .with_root_certificates(roots(ca_path)?);
+    let mut cfg = match client {
+        Some((cert_path, key_path)) => {
+            let certs = parse_certs(&read(cert_path)?, cert_path)?;
+            let key = parse_key(&read(key_path)?, key_path)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| TlsError::Invalid(format!("{cert_path} / {key_path}: {e}")))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// The proxy listener's current certificate, swapped whole on reload.
 pub struct CertReloader {
     cert_path: String,

@@ -424,6 +424,51 @@ async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificat
     .unwrap();
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("\"a\""), "{body}");
+
+    // `cellgate ctl` reaches it with --ca, --cert and --key; without the client
+    // certificate, or without --ca for an https address, it fails with a TLS error.
+    let op = leaf(&client_ca, "operator");
+    std::fs::write(dir.path("server_ca.pem"), &server_ca.pem).unwrap();
+    std::fs::write(dir.path("op.pem"), &op.cert).unwrap();
+    std::fs::write(dir.path("op.key"), &op.key).unwrap();
+    let https = format!("https://localhost:{}", admin.port());
+    let ctl = |extra: &[&str]| {
+        let mut args = vec!["ctl", "--admin", https.as_str(), "--token", "s3cret"];
+        args.extend_from_slice(extra);
+        args.push("cells");
+        std::process::Command::new(env!("CARGO_BIN_EXE_cellgate"))
+            .args(&args)
+            .env_remove("CELLGATE_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let (ca_p, cert_p, key_p) = (
+        dir.path("server_ca.pem"),
+        dir.path("op.pem"),
+        dir.path("op.key"),
+    );
+    let (ca_s, cert_s, key_s) = (
+        ca_p.to_str().unwrap(),
+        cert_p.to_str().unwrap(),
+        key_p.to_str().unwrap(),
+    );
+    let out = ctl(&["--ca", ca_s, "--cert", cert_s, "--key", key_s]);
+    assert!(
+        out.status.success(),
+        "ctl over mTLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"a\""));
+    let out = ctl(&["--ca", ca_s]);
+    assert!(!out.status.success(), "no client certificate, yet served");
+    let out = ctl(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The certificate does not replace the token.
     let (s, _) = call(operator.clone(), http::Method::GET, "/admin/cells", None)
         .await
