@@ -512,7 +512,21 @@ async fn malformed_requests_get_400_naming_the_problem_and_unknown_cells_404() {
             "/admin/cells/bj-1/weight",
             Some(r#"{"weight": "heavy"}"#),
             StatusCode::BAD_REQUEST,
-            "invalid type",
+            "weight: invalid type",
+        ),
+        (
+            Method::POST,
+            "/admin/slots/move",
+            Some(r#"{"slots": [1, -2], "to": "bj-2"}"#),
+            StatusCode::BAD_REQUEST,
+            "slots[1]: invalid value",
+        ),
+        (
+            Method::POST,
+            "/admin/slots/move",
+            Some(r#"{"from": "bj-1", "to": "bj-2", "count": "5"}"#),
+            StatusCode::BAD_REQUEST,
+            "count: invalid type",
         ),
         (
             Method::PUT,

@@ -259,8 +259,15 @@ where
         }
         let raw: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| AppError::BadRequest(format!("the request body is not JSON: {e}")))?;
-        let value =
-            T::deserialize(&raw).map_err(|e| AppError::BadRequest(format!("request body: {e}")))?;
+        // The error names the field (`slots[1]`, `count`), not only what was expected.
+        let value = serde_path_to_error::deserialize(&raw).map_err(|e| {
+            let path = e.path().to_string();
+            AppError::BadRequest(if path == "." {
+                format!("request body: {}", e.inner())
+            } else {
+                format!("request body: {path}: {}", e.inner())
+            })
+        })?;
         Ok(Self { value, raw })
     }
 }
