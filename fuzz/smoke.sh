@@ -8,9 +8,17 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   echo "fuzz smoke skipped: no nightly toolchain (rustup toolchain install nightly)"
   exit 0
 fi
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
 for t in $(ls fuzz_targets | sed 's/\.rs$//'); do
   echo "==> fuzz $t for ${secs}s"
-  ./run.sh "$t" "$secs" 2>&1 | grep -E 'Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb|ERROR|SUMMARY|panicked|deadly signal' || true
-  # run.sh's status is what counts (grep above only trims the output)
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz target $t failed; see fuzz/artifacts/$t/" >&2; exit 1; }
+  # run.sh's status is what counts; the grep only trims its output.
+  st=0
+  ./run.sh "$t" "$secs" >"$out" 2>&1 || st=$?
+  grep -E 'Done [0-9]+ runs|stat::number_of_executed_units|stat::peak_rss_mb|ERROR|SUMMARY|panicked|deadly signal' "$out" || true
+  if [ "$st" -ne 0 ]; then
+    tail -n 40 "$out" >&2
+    echo "fuzz target $t failed (exit $st); see fuzz/artifacts/$t/" >&2
+    exit 1
+  fi
 done
