@@ -139,6 +139,26 @@ async fn timed<T, E: std::fmt::Display>(
 /// channel sent to a dead member fails at once; the next goes to a live one).
 const ATTEMPTS: u32 = 4;
 
+/// Keys per page when loading the table documents.
+pub const LOAD_PAGE: i64 = 2_000;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's
+/// `WithPrefix` rule: the last byte below 0xff incremented, what follows dropped).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last < 0xff {
+            if let Some(b) = end.last_mut() {
+                *b = last + 1;
+            }
+            return end;
+        }
+        end.pop();
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
+}
+
 fn transient(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
@@ -231,21 +251,59 @@ impl EtcdStore {
         std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)
     }
 
-    /// Read every table document.
+    /// Read every table document: the table's key ranges only (never the audit log or the
+    /// fleet registrations, which grow on their own), in pages of [`LOAD_PAGE`] keys so no
+    /// answer nears gRPC's 4 MiB message limit (100k overrides are ~6 MB), all at the
+    /// revision of the first page, so the snapshot is consistent.
     pub async fn load(&self) -> Result<Snapshot, StoreError> {
-        let prefix = self.prefix.clone();
-        let resp = self
-            .retry("load", |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
         let mut docs = Documents::default();
-        for kv in resp.kvs() {
-            if let Some(rel) = self.rel(kv.key()) {
-                if docs::is_table_key(rel) {
-                    docs.put(rel.to_owned(), kv.value().to_vec(), kv.mod_revision());
+        let mut revision = 0i64;
+        for (rel, is_prefix) in [
+            (docs::SETTINGS, false),
+            (docs::SLOTS, false),
+            (docs::CELLS, true),
+            (docs::OVERRIDES, true),
+            (docs::GRAY, true),
+        ] {
+            let first = self.key(rel).into_bytes();
+            let end = if is_prefix {
+                prefix_end(&first)
+            } else {
+                let mut e = first.clone();
+                e.push(0);
+                e
+            };
+            let mut from = first;
+            loop {
+                let (start, stop, at) = (from.clone(), end.clone(), revision);
+                let resp = self
+                    .retry("load", |mut c| {
+                        let (start, stop) = (start.clone(), stop.clone());
+                        async move {
+                            let mut o = GetOptions::new().with_range(stop).with_limit(LOAD_PAGE);
+                            if at > 0 {
+                                o = o.with_revision(at);
+                            }
+                            c.get(start, Some(o)).await
+                        }
+                    })
+                    .await?;
+                if revision == 0 {
+                    revision = resp.header().map_or(0, |h| h.revision());
+                }
+                for kv in resp.kvs() {
+                    if let Some(rel) = self.rel(kv.key()) {
+                        if docs::is_table_key(rel) {
+                            docs.put(rel.to_owned(), kv.value().to_vec(), kv.mod_revision());
+                        }
+                    }
+                }
+                match resp.kvs().last() {
+                    Some(last) if resp.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
                 }
             }
         }

@@ -153,7 +153,7 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
                 .headers()
                 .get(CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            tracing::debug!(request_id = ?request_id, status = e.status().as_u16(), error = %e, "request refused by the guard");
+            tracing::debug!(request_id = crate::proxy::log_str(Some(&request_id)), status = e.status().as_u16(), error = %e, "request refused by the guard");
             self.proxy.count_unrouted(e.status().as_u16());
             let res = e.into_response(&request_id, grpc);
             return GuardFuture {

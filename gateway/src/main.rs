@@ -193,6 +193,14 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// Write `text` and a newline to stdout. A closed pipe (`cellgate ctl … | head`) ends the
+/// output quietly instead of panicking as `println!` would.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{text}").and_then(|()| o.flush());
+}
+
 fn print_config_error(file: &str, e: &ConfigError) {
     match e {
         ConfigError::Invalid(issues) => {
@@ -271,7 +279,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
             admin_token,
         } => {
             if print_config {
-                print!("{DEMO_YAML}");
+                out(DEMO_YAML.trim_end_matches('\n'));
                 return Ok(());
             }
             demo::run(
@@ -319,7 +327,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
                     print_config_error(&config.display().to_string(), &e);
                     ExitCode::from(1)
                 })?;
-            println!(
+            out(&format!(
                 "{}: ok ({} regions, {} cells, {} slots, {} overrides, {} gray rules)",
                 config.display(),
                 table.regions().len(),
@@ -327,7 +335,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
                 table.slot_count(),
                 table.overrides().len(),
                 table.gray_rules().len()
-            );
+            ));
             Ok(())
         }
         Command::Route {
@@ -358,7 +366,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
             if let (Some(r), Some(obj)) = (region, v.as_object_mut()) {
                 obj.insert("region".into(), serde_json::Value::String(r));
             }
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            out(&serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
         }
         Command::Config {
@@ -403,7 +411,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
                 &command,
             )) {
                 Ok(v) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    out(&serde_json::to_string_pretty(&v).unwrap_or_default());
                     Ok(())
                 }
                 Err(e) => {
@@ -451,14 +459,14 @@ fn config_push(
     });
     match result {
         Ok(rev) => {
-            println!(
+            out(&format!(
                 "{}: pushed to {} under {prefix} ({} cells, {} overrides, {} gray rules); table version {rev}",
                 path.display(),
                 endpoints.join(","),
                 cfg.cells.len(),
                 cfg.overrides.len(),
                 cfg.gray.len()
-            );
+            ));
             Ok(())
         }
         Err(e) => {

@@ -192,3 +192,58 @@ async fn sighup_in_etcd_mode_is_answered_with_a_log_line() {
     let admin = gw.admin_addr.unwrap();
     assert!(version(admin).await > 0);
 }
+
+/// The load reads the table's documents only, in pages: megabytes of audit history (which
+/// only grows) and thousands of overrides (several pages) neither push an answer past
+/// gRPC's 4 MiB limit nor keep a gateway from loading the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_with_megabytes_of_audit_history_and_many_overrides_still_loads() {
+    let _serial = serial().lock().await;
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs-big");
+    let yaml = cells.yaml();
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let store = std::sync::Arc::new(etcd.store().await);
+    // 5 MiB of audit records (etcd takes up to 1.5 MiB per request).
+    let blob = format!("{{\"pad\": \"{}\"}}", "x".repeat(1 << 20));
+    for i in 0..5 {
+        store
+            .raw_put(&format!("audit/0000-padding-{i}"), blob.clone())
+            .await
+            .unwrap();
+    }
+    // 4,500 overrides to cell c: three pages.
+    const N: usize = 4_500;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+        let puts: Vec<_> = chunk
+            .iter()
+            .map(|&i| {
+                let store = std::sync::Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .raw_put(&format!("overrides/pinned-{i:05}"), r#"{"cell": "c"}"#)
+                        .await
+                        .unwrap();
+                })
+            })
+            .collect();
+        for p in puts {
+            p.await.unwrap();
+        }
+    }
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "big-0");
+    let adm = gw.admin_addr.unwrap();
+    let ready = admin_get(adm, "/readyz").await;
+    assert_eq!(ready["source"], "etcd", "{ready}");
+    let table = admin_get(adm, "/admin/table").await;
+    assert_eq!(
+        table["overrides"].as_object().map(|o| o.len()),
+        Some(N),
+        "every override loaded"
+    );
+    for k in ["pinned-00000", "pinned-02345", "pinned-04499"] {
+        let r = admin_get(adm, &format!("/admin/route?key={k}")).await;
+        assert_eq!(r["cell"], "c", "{k}: {r}");
+    }
+}

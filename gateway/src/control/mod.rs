@@ -983,15 +983,26 @@ pub async fn mutate(
             let rev = store.commit(desired.version, &writes, &rec).await?;
             let rev = u64::try_from(rev).unwrap_or(0);
             let mut rx = c.applied();
-            let _ = tokio::time::timeout(APPLY_WAIT, rx.wait_for(|v| *v >= rev)).await;
-            out.applied = true;
-            out.table_version = shared.table.load().version().max(rev);
+            // Committed either way; `applied` says whether this gateway serves it yet (it
+            // may have refused the result, say, or its watch may lag).
+            out.applied = matches!(
+                tokio::time::timeout(APPLY_WAIT, rx.wait_for(|v| *v >= rev)).await,
+                Ok(Ok(_))
+            );
+            out.table_version = shared.table.load().version();
+            if !out.applied {
+                tracing::warn!(
+                    revision = rev,
+                    serving = out.table_version,
+                    "admin change committed to etcd but not applied here within {APPLY_WAIT:?}"
+                );
+            }
         }
     }
     tracing::info!(
         actor = %req.actor,
         action = out.action,
-        cell = ?out.cell,
+        cell = out.cell.as_deref().unwrap_or("none"),
         version = out.table_version,
         slots_moved = out.plan.slots_moved,
         share_moved = out.plan.share_moved,

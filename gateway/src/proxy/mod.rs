@@ -269,15 +269,15 @@ pub async fn handle(
         Ok((res, cell)) => {
             worker.observe(&table, Some(cell), res.status().as_u16(), elapsed_us, now);
             if let Some(path) = path_for_log {
-                tracing::debug!(request_id = ?request_id, %method, path, status = res.status().as_u16(),
-                    cell = ?res.headers().get(X_CELL_ID), elapsed_us, "proxied");
+                tracing::debug!(request_id = log_str(Some(&request_id)), %method, path, status = res.status().as_u16(),
+                    cell = log_str(res.headers().get(X_CELL_ID)), elapsed_us, "proxied");
             }
             res
         }
         Err((e, cell)) => {
             worker.observe(&table, cell, e.status().as_u16(), elapsed_us, now);
             let cell_id = cell.and_then(|c| table.cell(c)).map(|c| &c.id_header);
-            tracing::warn!(request_id = ?request_id, %method, status = e.status().as_u16(), cell = ?cell_id,
+            tracing::warn!(request_id = log_str(Some(&request_id)), %method, status = e.status().as_u16(), cell = log_str(cell_id),
                 client = %conn.peer, error = %e, "request failed");
             let mut res = e.into_response(&request_id, grpc);
             if let Some(c) = cell_id {
@@ -350,6 +350,15 @@ fn admit<'a>(shared: &'a Shared, class: SloClass) -> Result<InFlight<'a>, ProxyE
         .fetch_update(AcqRel, Acquire, |n| (n < limit).then_some(n + 1))
         .map(|_| InFlight(&shared.in_flight))
         .map_err(|_| ProxyError::Shed(class.as_str()))
+}
+
+/// A header value as a log field: its text (`none` when absent; never Rust's debug form,
+/// so JSON logs carry plain strings).
+pub(crate) fn log_str(v: Option<&HeaderValue>) -> &str {
+    match v {
+        Some(v) => v.to_str().unwrap_or("(not visible ASCII)"),
+        None => "none",
+    }
 }
 
 /// One attempt counted in its instance's and its cell's in-flight gauges until dropped.
@@ -606,7 +615,7 @@ async fn proxy(
                 break;
             };
             let Ok(next_h2) = h2_for(next) else { break };
-            tracing::debug!(request_id = ?request_id, from = %cell.id, to = %next.id, "retrying in the failover cell");
+            tracing::debug!(request_id = log_str(Some(request_id)), from = %cell.id, to = %next.id, "retrying in the failover cell");
             cell_idx = d.cell;
             cell = next;
             h2 = next_h2;
