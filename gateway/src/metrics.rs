@@ -310,5 +310,12 @@ pub fn render(shared: &Shared) -> String {
         "# HELP cellgate_in_flight Requests in flight through the gateway.\n# TYPE cellgate_in_flight gauge\ncellgate_in_flight {}",
         shared.in_flight.load(Relaxed)
     );
+    if let Some(t) = &shared.traces {
+        let _ = writeln!(
+            out,
+            "# HELP cellgate_trace_spans_dropped_total Spans not exported because the export queue was full.\n# TYPE cellgate_trace_spans_dropped_total counter\ncellgate_trace_spans_dropped_total {}",
+            t.dropped.load(Relaxed)
+        );
+    }
     out
 }

@@ -169,7 +169,9 @@ async fn post(uri: &http::Uri, body: String) -> Result<(), String> {
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
     let status = res.status();
-    let _ = res.into_body().collect().await;
+    // A receiver that sends a head and then stalls must not hold the exporter (and so every
+    // later span) forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), res.into_body().collect()).await;
     if status.is_success() {
         Ok(())
     } else {

@@ -91,4 +91,12 @@ async fn the_gateway_span_is_a_child_of_the_client_traceparent() {
         span["end"].as_u64().unwrap(),
     );
     assert!(end >= start && end - start < 5_000_000_000);
+    // Nothing was dropped, and the counter says so.
+    let m = get(gw.admin_addr.expect("admin listener"), "/metrics", &[]).await;
+    assert!(
+        String::from_utf8_lossy(&m.body)
+            .lines()
+            .any(|l| l == "cellgate_trace_spans_dropped_total 0"),
+        "no dropped-spans counter"
+    );
 }
