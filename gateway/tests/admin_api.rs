@@ -313,6 +313,8 @@ async fn route_explains_a_decision_and_names_bad_input() {
     assert_eq!(v["cell"], "bj-2");
     assert_eq!(v["table_version"], 1);
     assert!(v["reason"].as_str().unwrap().contains("slot 5808"));
+    assert_eq!(v["instances"], json!(["bj-2-a", "bj-2-b"]));
+    assert_eq!(v["instances_fallback"], false);
 
     let (s, v) = api
         .get("/admin/route?key=alice&region=sh&gray=canary")
@@ -320,6 +322,10 @@ async fn route_explains_a_decision_and_names_bad_input() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["region"], "sh");
     assert_eq!(v["gray_tag"], "canary");
+    // bj-2 has no canary instance: a tagged request goes to its other instances, as the
+    // data path does, and the answer says it fell back.
+    assert_eq!(v["instances"], json!(["bj-2-a", "bj-2-b"]), "{v}");
+    assert_eq!(v["instances_fallback"], true);
 
     for (q, needle) in [
         ("/admin/route", "key"),

@@ -397,15 +397,33 @@ pub(super) async fn explain(
         o.insert("gray_tag".into(), json!(tag));
     }
     if let Some(ci) = t.cell_idx(&e.cell).and_then(|i| t.cell(i)) {
-        let pick: Vec<&str> = ci
+        // As the data path picks: the instances matching the request's tag (untagged ones
+        // for an untagged request); when none of them can take it, any of the cell's.
+        let usable = |i: &&cellgate_routing::Instance| {
+            i.weight > 0 && i.health.is_available(now, t.health_policy())
+        };
+        let matching: Vec<&str> = ci
             .instances
             .iter()
-            .filter(|i| {
-                i.health.is_available(now, t.health_policy()) && i.gray.as_deref() == tag.as_deref()
-            })
+            .filter(usable)
+            .filter(|i| i.gray.as_deref() == tag.as_deref())
             .map(|i| &*i.name)
             .collect();
+        let fallback = matching.is_empty();
+        let pick: Vec<&str> = if fallback {
+            ci.instances
+                .iter()
+                .filter(usable)
+                .map(|i| &*i.name)
+                .collect()
+        } else {
+            matching
+        };
         o.insert("instances".into(), json!(pick));
+        o.insert(
+            "instances_fallback".into(),
+            json!(fallback && !pick.is_empty()),
+        );
     }
     Ok(Json(v))
 }
