@@ -277,6 +277,7 @@ async fn cells_table_and_health_endpoints_describe_the_gateway() {
     let (s, t) = api.get("/admin/table").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(t["version"], 1);
+    assert_eq!(t["table_version"], 1);
     assert_eq!(t["slot_count"], 16384);
     assert_eq!(
         t["slots_per_cell"],

@@ -464,6 +464,8 @@ pub(super) async fn table(
         .collect();
     Ok(Json(json!({
         "version": t.version(),
+        // The name every other answer uses for it.
+        "table_version": t.version(),
         "source": d.source,
         "slot_count": t.slot_count(),
         "slots_version": d.slots_version,
