@@ -247,3 +247,38 @@ async fn a_store_with_megabytes_of_audit_history_and_many_overrides_still_loads(
         assert_eq!(r["cell"], "c", "{k}: {r}");
     }
 }
+
+/// Documents refused for a reason local to this gateway (here a cell's upstream CA file
+/// that is not on this host yet) are tried again on their own: once the file appears, the
+/// gateway applies them without any further change in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_refused_for_a_local_reason_apply_once_it_passes() {
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs-retry");
+    let yaml = cells.yaml();
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "retry-0");
+    let adm = gw.admin_addr.unwrap();
+    let store = etcd.store().await;
+    let serving = version(adm).await;
+    let (good_c, _) = store.raw_get("cells/c").await.unwrap().unwrap();
+    let ca_path = dir.path("late-ca.pem");
+    let mut doc: serde_json::Value = serde_json::from_slice(&good_c).unwrap();
+    doc["tls"] = serde_json::json!({ "ca_file": ca_path.to_str().unwrap() });
+    let with_tls = doc.to_string();
+    let rev = store.raw_put("cells/c", with_tls).await.unwrap() as u64;
+    let t = wait_rejected(adm, "late-ca.pem").await;
+    assert_eq!(t["version"].as_u64(), Some(serving), "the old table serves");
+    // The file arrives; nothing changes in etcd.
+    std::fs::write(&ca_path, common::tls::ca("late CA").pem).unwrap();
+    let end = Instant::now() + Duration::from_secs(6);
+    loop {
+        let t = admin_get(adm, "/admin/table").await;
+        if t["version"].as_u64() == Some(rev) && t["rejected"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < end, "never retried: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

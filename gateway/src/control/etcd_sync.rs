@@ -2,7 +2,8 @@
 //! this gateway registered in the fleet.
 //!
 //! [`run`]: load everything → build → validate → swap; watch from the loaded revision and
-//! rebuild on every change of a table document; on any error (etcd down, a member lost,
+//! rebuild on every change of a table document (documents refused here are tried again,
+//! 1 s doubling to 30 s, until they apply or change); on any error (etcd down, a member lost,
 //! a compacted revision) mark the store degraded, keep serving, back off (100 ms doubling
 //! to 2 s) and start over with a full load. [`fleet`]: register `gateways/<id>` under a
 //! lease and republish the table version and this gateway's view of cell health every
@@ -27,6 +28,9 @@ pub const FLEET_LEASE_TTL_S: i64 = 10;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// First and longest wait before refused documents are tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Keep the serving table in step with etcd until the process ends.
 pub async fn run(shared: Arc<Shared>) {
@@ -94,8 +98,21 @@ async fn sync_once(shared: &Arc<Shared>) -> Result<(), StoreError> {
     if was == "degraded" {
         tracing::info!(revision = snap.revision, "etcd reachable again; resynced");
     }
+    // A refusal can pass (a CA file or a name that appears on this host): the refused
+    // documents are tried again, backing off, until they apply or the store changes.
+    let mut retry_in = refused(c, &docs).then_some(RETRY_MIN);
     loop {
-        let changes = watch.next().await?;
+        let changes = match retry_in {
+            Some(wait) => tokio::select! {
+                r = watch.next() => r?,
+                () = tokio::time::sleep(wait) => {
+                    apply_docs(shared, &docs).await;
+                    retry_in = refused(c, &docs).then(|| (wait * 2).min(RETRY_MAX));
+                    continue;
+                }
+            },
+            None => watch.next().await?,
+        };
         if changes.is_empty() {
             continue;
         }
@@ -116,7 +133,17 @@ async fn sync_once(shared: &Arc<Shared>) -> Result<(), StoreError> {
             });
         }
         apply_docs(shared, &docs).await;
+        retry_in = refused(c, &docs).then_some(RETRY_MIN);
     }
+}
+
+/// Whether the store's current documents were refused here.
+fn refused(c: &super::ControlState, docs: &Documents) -> bool {
+    !docs.is_empty()
+        && c.status()
+            .rejected
+            .as_ref()
+            .is_some_and(|r| r.version == docs.version())
 }
 
 /// Build the table the documents describe and swap it in, or record why not.
