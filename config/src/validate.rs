@@ -67,7 +67,30 @@ pub fn parse_range(s: &str) -> Option<(u32, u32)> {
 }
 
 /// Resolve `host:port` (off the request path). The first IPv4 address wins when there is one.
+///
+/// A name that resolved before and fails now (a DNS outage, often during the very regional
+/// outage the operator is reacting to) keeps its last address, with a warning, so a
+/// configuration change, an admin action or a failover rebuild is not refused for it.
 fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    resolve_with(addr, |a| {
+        a.to_socket_addrs()
+            .map(|it| it.collect::<Vec<_>>())
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Last good resolution of each `host:port` name, for [`resolve`].
+fn resolved() -> &'static std::sync::Mutex<std::collections::HashMap<String, SocketAddr>> {
+    static LAST: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, SocketAddr>>,
+    > = std::sync::OnceLock::new();
+    LAST.get_or_init(Default::default)
+}
+
+fn resolve_with(
+    addr: &str,
+    lookup: impl FnOnce(&str) -> Result<Vec<SocketAddr>, String>,
+) -> Result<SocketAddr, String> {
     if let Ok(a) = addr.parse::<SocketAddr>() {
         if a.port() == 0 {
             return Err(format!("{addr:?} has port 0"));
@@ -80,16 +103,28 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
     if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
         return Err(format!("{addr:?} is not host:port with a port 1-65535"));
     }
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or_else(|| addrs.first())
-        .copied()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+    let found = lookup(addr).and_then(|addrs| {
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| addrs.first())
+            .copied()
+            .ok_or_else(|| "no address".to_owned())
+    });
+    let mut last = resolved().lock().unwrap_or_else(|p| p.into_inner());
+    match found {
+        Ok(a) => {
+            last.insert(addr.to_owned(), a);
+            Ok(a)
+        }
+        Err(e) => match last.get(addr) {
+            Some(&a) => {
+                tracing::warn!(%addr, last = %a, error = %e, "cannot resolve an instance address now; keeping its last address");
+                Ok(a)
+            }
+            None => Err(format!("cannot resolve {addr:?}: {e}")),
+        },
+    }
 }
 
 struct Issues(Vec<Issue>);
@@ -797,4 +832,37 @@ fn key_source(s: &KeySourceCfg) -> Result<KeySource, String> {
             (None, None) => KeySource::jwt(&j.header, &j.claim, JwtVerify::Unverified)?,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_name_that_stops_resolving_keeps_its_last_address() {
+        // The real resolver first: a name that resolves here.
+        let local = resolve("localhost:8080").unwrap();
+        assert!(local.ip().is_loopback());
+        // A DNS outage cannot be made on this machine: the lookup is replaced by one that
+        // answers, then fails.
+        let name = "cells.example.internal:8443";
+        let a: SocketAddr = "10.1.2.3:8443".parse().unwrap();
+        assert_eq!(resolve_with(name, |_| Ok(vec![a])), Ok(a));
+        assert_eq!(
+            resolve_with(name, |_| Err("temporary failure in name resolution".into())),
+            Ok(a),
+            "the last address is kept"
+        );
+        // A name never resolved is still an error that names it.
+        let e =
+            resolve_with("new.example.internal:80", |_| Err("no such host".into())).unwrap_err();
+        assert!(
+            e.contains("new.example.internal:80") && e.contains("no such host"),
+            "{e}"
+        );
+        // A name that resolves again takes its new address.
+        let b: SocketAddr = "10.1.2.4:8443".parse().unwrap();
+        assert_eq!(resolve_with(name, |_| Ok(vec![b])), Ok(b));
+    }
 }
