@@ -128,6 +128,10 @@ pub struct FailoverCfg {
     pub min_dwell: Option<String>,
     /// Default 2.
     pub recover_probes: Option<u32>,
+    /// Default 1: each gateway fails a cell over on its own view. `k` > 1: only once `k`
+    /// gateways of the fleet (etcd `gateways/`) see it failing, so one gateway's bad network
+    /// path does not move a whole cell; capped at the number of live gateways.
+    pub quorum: Option<u32>,
 }
 
 /// `health.weight`.
@@ -381,6 +385,7 @@ impl HealthCfg {
                 f.recover_probes,
                 d.failover.recover_probes,
             ),
+            quorum: c.positive("health.failover.quorum", f.quorum, d.failover.quorum),
         };
         let w = &self.weight;
         let weight = WeightPolicy {

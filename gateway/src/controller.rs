@@ -45,6 +45,51 @@ fn ensure_probes(
     }
 }
 
+/// The other live gateways' failover verdicts, from their fleet registrations.
+struct PeerVerdicts {
+    /// Gateways registered besides this one.
+    live: usize,
+    /// Per cell id, how many of them see it failing.
+    failing: HashMap<String, usize>,
+}
+
+/// Read the fleet's registrations. Without etcd this gateway is the whole fleet (`live` 0);
+/// `None` means the store did not answer.
+async fn peer_verdicts(shared: &Shared) -> Option<PeerVerdicts> {
+    let c = &shared.control;
+    let Some(store) = c.store() else {
+        return Some(PeerVerdicts {
+            live: 0,
+            failing: HashMap::new(),
+        });
+    };
+    let regs = match store.gateways().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the fleet for a failover quorum");
+            return None;
+        }
+    };
+    let mut v = PeerVerdicts {
+        live: 0,
+        failing: HashMap::new(),
+    };
+    for r in regs
+        .iter()
+        .filter(|r| r["id"].as_str() != Some(c.gateway_id.as_str()))
+    {
+        v.live += 1;
+        if let Some(cells) = r["health"].as_object() {
+            for (id, h) in cells {
+                if h["failing"] == serde_json::Value::Bool(true) {
+                    *v.failing.entry(id.clone()).or_default() += 1;
+                }
+            }
+        }
+    }
+    Some(v)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -58,6 +103,13 @@ pub async fn step(shared: &Arc<Shared>) {
     let table = shared.table.load_full();
     let p = table.health_policy();
     let mut transitions = Vec::new();
+    // A failover quorum counts the other gateways' verdicts; read only when it matters.
+    let quorum = p.failover.quorum;
+    let peers = if quorum > 1 && table.cells().iter().any(|c| c.health.sees_failing()) {
+        Some(peer_verdicts(shared).await)
+    } else {
+        None
+    };
     for cell in table.cells() {
         if cell.configured_state != CellState::Active {
             continue;
@@ -73,8 +125,23 @@ pub async fn step(shared: &Arc<Shared>) {
                 .iter()
                 .any(|&f| table.cell(f).is_some_and(|t| t.is_serving(now, p))),
         };
-        tracing::trace!(cell = %cell.id, window = ?cell.health.window(now), ?signals, "evaluate");
-        if let Some(t) = cell.health.evaluate(now, signals, &p.failover) {
+        let quorum_met = quorum <= 1
+            || match &peers {
+                // This gateway (which must see it failing to fail it over) and the others
+                // that do; the quorum is capped at the gateways alive.
+                Some(Some(v)) => {
+                    let need = (quorum as usize).min(v.live + 1);
+                    1 + v.failing.get(&*cell.id).copied().unwrap_or(0) >= need
+                }
+                // Not read yet (this gateway saw nothing failing last time), or unreadable:
+                // no automatic failover on this gateway's view alone.
+                _ => false,
+            };
+        tracing::trace!(cell = %cell.id, window = ?cell.health.window(now), ?signals, quorum_met, "evaluate");
+        if let Some(t) = cell
+            .health
+            .evaluate_in_fleet(now, signals, &p.failover, quorum_met)
+        {
             transitions.push((Arc::clone(&cell.id), t));
         }
     }

@@ -215,3 +215,84 @@ async fn racing_controllers_each_win_or_get_409_and_no_update_is_lost() {
         .iter()
         .all(|r| r.actor == "admin" && r.duration_ms >= 0.0 && r.gateway.is_some()));
 }
+
+/// With `health.failover.quorum: 2`, one gateway seeing a cell fail (say, over its own bad
+/// network path) does not move the cell: it publishes its verdict and waits. Once a second
+/// gateway sees the same, both fail the cell over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_quorum_of_two_one_gateway_alone_does_not_fail_a_cell_over() {
+    let _serial = serial().lock().await;
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("quorum");
+    let yaml = format!(
+        "{}health:\n  failover: {{ error_ratio: 0.05, window: 2s, min_requests: 20, quorum: 2 }}\n  outlier: {{ consecutive_failures: 100000, failure_ratio: 1.0, min_requests: 100000 }}\n  breaker: {{ min_requests: 100000 }}\n  retry: {{ statuses: [] }}\n",
+        cells.yaml()
+    );
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let gws: Vec<Gateway> = (0..2)
+        .map(|i| gateway(&etcd.endpoints_arg(), &dir, &yaml, &format!("q-{i}")))
+        .collect();
+    let admins: Vec<_> = gws.iter().map(|g| g.admin_addr.unwrap()).collect();
+    let t = table_of(&yaml);
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| t.explain(k, 1).unwrap().home_cell == "a")
+        .unwrap();
+    fault(cells.ups[0].addr, r#"{"error_rate": 1.0, "status": 500}"#).await;
+    let state = |adm| async move {
+        admin_get(adm, "/admin/cells/a").await["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let drive = |gw: std::net::SocketAddr, key: String, for_: Duration| async move {
+        let end = std::time::Instant::now() + for_;
+        let mut c = H1::connect(gw).await;
+        while std::time::Instant::now() < end {
+            let _ = c.get("/", &[("x-user-id", &key)]).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+
+    // Only gateway 0 sees the failures.
+    drive(gws[0].addr, key.clone(), Duration::from_secs(4)).await;
+    assert_eq!(
+        state(admins[0]).await,
+        "active",
+        "moved on one gateway's view"
+    );
+    let fleet = admin_get(admins[1], "/admin/fleet").await;
+    let q0 = fleet["gateways"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == "q-0")
+        .cloned()
+        .expect("q-0 registered");
+    assert_eq!(
+        q0["health"]["a"]["failing"], true,
+        "its verdict is published: {q0}"
+    );
+
+    // Both see them now: the cell fails over on both.
+    let (a, b) = (
+        tokio::spawn(drive(gws[0].addr, key.clone(), Duration::from_secs(8))),
+        tokio::spawn(drive(gws[1].addr, key.clone(), Duration::from_secs(8))),
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(8);
+    loop {
+        if state(admins[0]).await == "failed_over" && state(admins[1]).await == "failed_over" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "not failed over on both: {} / {}",
+            state(admins[0]).await,
+            state(admins[1]).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.abort();
+    b.abort();
+}

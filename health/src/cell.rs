@@ -21,6 +21,9 @@ pub struct CellHealth {
     budget_retries: Window,
     in_flight: AtomicI64,
     failed_over: AtomicBool,
+    /// This gateway's own verdict at the last evaluation: the cell should fail over (what
+    /// it publishes for a fleet quorum).
+    sees_failing: AtomicBool,
     ejections: std::sync::atomic::AtomicU64,
     machine: Mutex<Machine>,
 }
@@ -34,6 +37,7 @@ impl Default for CellHealth {
             budget_retries: Window::new(1_000),
             in_flight: AtomicI64::new(0),
             failed_over: AtomicBool::new(false),
+            sees_failing: AtomicBool::new(false),
             ejections: std::sync::atomic::AtomicU64::new(0),
             machine: Mutex::new(Machine::default()),
         }
@@ -146,6 +150,12 @@ impl CellHealth {
         self.failed_over.load(Ordering::Relaxed)
     }
 
+    /// Whether this gateway, at its last evaluation, saw the cell failing (error ratio over
+    /// the threshold, or no instance available), whether or not it failed it over.
+    pub fn sees_failing(&self) -> bool {
+        self.sees_failing.load(Ordering::Relaxed)
+    }
+
     /// Why the cell is failed over (empty when it is not).
     pub fn failover_reason(&self) -> String {
         self.lock().reason.clone()
@@ -170,6 +180,19 @@ impl CellHealth {
     /// available; returns it after the dwell time once its probes are healthy. Each return
     /// that fails again within two dwell times doubles the dwell (up to 16×).
     pub fn evaluate(&self, now: u64, s: CellSignals, p: &FailoverPolicy) -> Option<Transition> {
+        self.evaluate_in_fleet(now, s, p, true)
+    }
+
+    /// [`Self::evaluate`] in a fleet that may require a quorum: the cell fails over only when
+    /// `quorum_met` (enough gateways see it failing); this gateway's own verdict is recorded
+    /// either way ([`Self::sees_failing`]) for the others to count.
+    pub fn evaluate_in_fleet(
+        &self,
+        now: u64,
+        s: CellSignals,
+        p: &FailoverPolicy,
+        quorum_met: bool,
+    ) -> Option<Transition> {
         let mut m = self.lock();
         let min_dwell = p.min_dwell.as_millis() as u64;
         match m.since {
@@ -193,8 +216,9 @@ impl CellHealth {
                 } else {
                     None
                 };
+                self.sees_failing.store(reason.is_some(), Ordering::Relaxed);
                 let (reason, code) = reason?;
-                if !s.target_available {
+                if !s.target_available || !quorum_met {
                     return None;
                 }
                 m.dwell_ms = match m.returned_at {
@@ -265,6 +289,7 @@ mod tests {
             min_requests: 100,
             min_dwell: Duration::from_secs(10),
             recover_probes: 2,
+            quorum: 1,
         }
     }
 
@@ -376,5 +401,21 @@ mod tests {
         }
         let granted = (0..100).filter(|_| c.try_retry(10, &r)).count();
         assert_eq!(granted, 18, "20 % of 100 requests, 2 already used");
+    }
+
+    #[test]
+    fn without_a_quorum_the_verdict_is_published_and_the_cell_stays() {
+        let p = policy();
+        let h = CellHealth::default();
+        for i in 0..200u64 {
+            h.record(1_000 + i, i % 2 == 0, &HealthPolicy::default());
+        }
+        assert_eq!(h.evaluate_in_fleet(1_300, healthy(), &p, false), None);
+        assert!(h.sees_failing(), "the verdict is kept for the fleet");
+        assert!(!h.is_failed_over());
+        assert!(matches!(
+            h.evaluate_in_fleet(1_301, healthy(), &p, true),
+            Some(Transition::FailedOver { .. })
+        ));
     }
 }

@@ -106,6 +106,9 @@ pub struct FailoverPolicy {
     pub min_dwell: Duration,
     /// Consecutive successful probes of an instance before its cell may return.
     pub recover_probes: u32,
+    /// Gateways of the fleet that must see a cell failing before any fails it over
+    /// automatically (1: each decides alone). Capped at the number of live gateways.
+    pub quorum: u32,
 }
 
 impl Default for FailoverPolicy {
@@ -116,6 +119,7 @@ impl Default for FailoverPolicy {
             min_requests: 100,
             min_dwell: Duration::from_secs(30),
             recover_probes: 2,
+            quorum: 1,
         }
     }
 }

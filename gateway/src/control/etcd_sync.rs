@@ -226,6 +226,8 @@ pub fn health_view(shared: &Shared) -> serde_json::Value {
                 "state": cell.state.as_str(),
                 "serving": cell.is_serving(now, p),
                 "failed_over": cell.health.is_failed_over(),
+                // This gateway's own verdict, counted by the others for a failover quorum.
+                "failing": cell.health.sees_failing(),
                 "in_flight": cell.health.in_flight(),
                 "instances_up": up,
                 "instances": cell.instances.len(),
