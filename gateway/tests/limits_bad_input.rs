@@ -428,6 +428,18 @@ async fn big_body_upstream(len: usize) -> SocketAddr {
     addr
 }
 
+/// A client with a small receive window that has asked for `/big` (and reads nothing yet):
+/// most of the answer waits in the gateway.
+async fn slow_reader(addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+        .await
+        .unwrap();
+    s
+}
+
 /// A client that stops reading an answer for longer than the park delay still gets all of
 /// it: a connection is never parked while part of an answer waits to be written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,13 +453,7 @@ async fn a_client_that_stops_reading_gets_the_whole_answer() {
     let dir = TempDir::new("stall");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    // A small receive window, so most of the answer waits in the gateway.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = slow_reader(gw.addr).await;
     // Read a little, then stall for longer than the park delay, three times over.
     let mut got = 0usize;
     let mut buf = vec![0u8; 65536];
@@ -757,12 +763,7 @@ async fn a_client_that_never_reads_is_cut_after_the_idle_timeout() {
     let dir = TempDir::new("never-reads");
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = slow_reader(gw.addr).await;
     // Read nothing for twice idle_timeout (2 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
     // What the client reads now ends before the whole answer: the connection was cut.

@@ -244,16 +244,23 @@ async fn upstream_tls_per_cell_verifies_the_ca_and_the_name() {
     assert!(gw.logs_contain("not verified"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca() {
+/// Admin mTLS material in a fresh directory: `cert.pem`/`key.pem` (a `localhost` leaf of
+/// the server CA) and `client_ca.pem`; returns (server CA, client CA, an unrelated CA, dir).
+fn admin_mtls_files(tag: &str) -> (tls::Ca, tls::Ca, tls::Ca, TempDir) {
     let server_ca = ca("server CA");
     let client_ca = ca("admin clients CA");
     let other_ca = ca("someone else");
     let server = leaf(&server_ca, "localhost");
-    let dir = TempDir::new("mtls");
+    let dir = TempDir::new(tag);
     std::fs::write(dir.path("cert.pem"), &server.cert).unwrap();
     std::fs::write(dir.path("key.pem"), &server.key).unwrap();
     std::fs::write(dir.path("client_ca.pem"), &client_ca.pem).unwrap();
+    (server_ca, client_ca, other_ca, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca() {
+    let (server_ca, client_ca, other_ca, dir) = admin_mtls_files("mtls");
     let cfg = cellgate::tls::admin_server_config(
         dir.path("cert.pem").to_str().unwrap(),
         dir.path("key.pem").to_str().unwrap(),
@@ -364,14 +371,7 @@ async fn admin_tls_request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificate_from_its_ca() {
-    let server_ca = ca("server CA");
-    let client_ca = ca("admin clients CA");
-    let other_ca = ca("someone else");
-    let server = leaf(&server_ca, "localhost");
-    let dir = TempDir::new("adminmtls");
-    std::fs::write(dir.path("cert.pem"), &server.cert).unwrap();
-    std::fs::write(dir.path("key.pem"), &server.key).unwrap();
-    std::fs::write(dir.path("client_ca.pem"), &client_ca.pem).unwrap();
+    let (server_ca, client_ca, other_ca, dir) = admin_mtls_files("adminmtls");
     let up = upstream("a", "a-1");
     let yaml = config_yaml(
         &[cell("a", "r1", &[], &[("a-1", up.addr)])],
