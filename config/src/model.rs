@@ -235,6 +235,22 @@ pub struct Routing {
     /// Clients allowed to force `X-Cell-ID` and send `X-Gray-Tag` (default: none).
     #[serde(default)]
     pub trusted_cidrs: Vec<String>,
+    /// What a client's own `X-Forwarded-For` becomes upstream: `append` (default, as nginx
+    /// and HAProxy do: the client's address is added after it) or `replace` (for a client
+    /// outside `trusted_cidrs`, only its address is sent, so it cannot pose as another).
+    #[serde(default)]
+    pub forwarded_for: ForwardedForCfg,
+}
+
+/// `routing.forwarded_for`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardedForCfg {
+    /// Append the client's address to the `X-Forwarded-For` it sent.
+    #[default]
+    Append,
+    /// Untrusted clients: replace it by the client's address.
+    Replace,
 }
 
 impl Default for Routing {
@@ -245,6 +261,7 @@ impl Default for Routing {
             anonymous: AnonymousCfg::default(),
             region_cidrs: BTreeMap::new(),
             trusted_cidrs: Vec::new(),
+            forwarded_for: ForwardedForCfg::default(),
         }
     }
 }

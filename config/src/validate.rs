@@ -662,6 +662,9 @@ impl Config {
                 .map_err(|_| invalid(format!("routing.trusted_cidrs[{i}]"), "not a CIDR".into()))?;
             b = b.trusted(n);
         }
+        b = b.replace_untrusted_forwarded_for(
+            self.routing.forwarded_for == crate::model::ForwardedForCfg::Replace,
+        );
         for g in &self.gray {
             b = b.gray(GraySpec {
                 name: g.name.clone(),

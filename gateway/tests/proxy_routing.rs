@@ -685,3 +685,37 @@ async fn http1_trailers_pass_through_end_to_end() {
     );
     upstream.abort();
 }
+
+/// `routing.forwarded_for: replace`: a client outside `trusted_cidrs` cannot pose as
+/// another address — its `X-Forwarded-For` is replaced by its own; a trusted one (a load
+/// balancer in front) keeps the chain, appended to. The default appends for everyone.
+#[tokio::test]
+async fn forwarded_for_is_replaced_for_untrusted_clients_when_configured() {
+    let up = upstream("a", "a-1");
+    let cells = [cell("a", "r1", &[], &[("a-1", up.addr)])];
+    for (extra, want) in [
+        ("", "203.0.113.9, 127.0.0.1"),
+        ("routing: { forwarded_for: replace }\n", "127.0.0.1"),
+        (
+            "routing: { forwarded_for: replace, trusted_cidrs: [\"127.0.0.0/8\"] }\n",
+            "203.0.113.9, 127.0.0.1",
+        ),
+    ] {
+        let yaml = config_yaml(&cells, extra);
+        let dir = TempDir::new("xff");
+        std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+        let gw = Gateway::start(&dir.path("c.yaml"));
+        let r = get(
+            gw.addr,
+            "/",
+            &[("x-user-id", "alice"), ("x-forwarded-for", "203.0.113.9")],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.echoed("x-forwarded-for").as_deref(),
+            Some(want),
+            "{extra}"
+        );
+    }
+}

@@ -193,6 +193,7 @@ pub struct RoutingTable {
     pub(crate) anonymous: AnonymousPolicy,
     pub(crate) region_cidrs: Arc<[(IpNet, u16)]>,
     pub(crate) trusted: Arc<[IpNet]>,
+    pub(crate) replace_untrusted_xff: bool,
     pub(crate) gray: Arc<[GrayRule]>,
     pub(crate) timeouts: Timeouts,
     pub(crate) health: Arc<HealthPolicy>,
@@ -274,6 +275,7 @@ impl RoutingTable {
             anonymous: self.anonymous.clone(),
             region_cidrs: Arc::clone(&self.region_cidrs),
             trusted: Arc::clone(&self.trusted),
+            replace_untrusted_xff: self.replace_untrusted_xff,
             gray: Arc::clone(&self.gray),
             timeouts: self.timeouts,
             health: Arc::clone(&self.health),
@@ -296,6 +298,12 @@ impl RoutingTable {
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.trusted.iter().any(|n| n.contains(&ip))
+    }
+    /// Whether a client outside the trusted CIDRs has its `X-Forwarded-For` replaced by its
+    /// own address (rather than appended to).
+    #[inline]
+    pub fn replaces_untrusted_forwarded_for(&self) -> bool {
+        self.replace_untrusted_xff
     }
     /// Region of a client address by the CIDR map (most specific match).
     pub fn region_of_ip(&self, ip: IpAddr) -> Option<u16> {
@@ -372,6 +380,7 @@ pub struct TableBuilder {
     default_region: Option<String>,
     region_cidrs: Vec<(IpNet, String)>,
     trusted: Vec<IpNet>,
+    replace_untrusted_xff: bool,
     gray: Vec<crate::gray::GraySpec>,
     timeouts: Timeouts,
     health: HealthPolicy,
@@ -398,6 +407,7 @@ impl TableBuilder {
             default_region: None,
             region_cidrs: Vec::new(),
             trusted: Vec::new(),
+            replace_untrusted_xff: false,
             gray: Vec::new(),
             timeouts: Timeouts::default(),
             health: HealthPolicy::default(),
@@ -447,6 +457,12 @@ impl TableBuilder {
     /// Trust clients in `net` to force `X-Cell-ID` / `X-Gray-Tag`.
     pub fn trusted(mut self, net: IpNet) -> Self {
         self.trusted.push(net);
+        self
+    }
+    /// Replace the `X-Forwarded-For` of clients outside the trusted CIDRs by their address
+    /// (default: append to it).
+    pub fn replace_untrusted_forwarded_for(mut self, yes: bool) -> Self {
+        self.replace_untrusted_xff = yes;
         self
     }
     /// Add a gray rule.
@@ -709,6 +725,7 @@ impl TableBuilder {
             anonymous,
             region_cidrs: region_cidrs.into(),
             trusted: self.trusted.into(),
+            replace_untrusted_xff: self.replace_untrusted_xff,
             gray: gray.into(),
             timeouts: self.timeouts,
             health: Arc::new(self.health),

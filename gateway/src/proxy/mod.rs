@@ -520,6 +520,10 @@ async fn proxy(
         conn,
         traceparent,
         seen,
+        // The trust check only where it can change something.
+        keep_forwarded_for: !(seen.has(Seen::FORWARDED_FOR)
+            && table.replaces_untrusted_forwarded_for()
+            && !conn.trusted(table)),
     };
     shape::strip_hop_by_hop(&mut parts.headers, true);
     let p = table.health_policy();

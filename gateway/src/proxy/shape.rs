@@ -36,6 +36,9 @@ pub struct Shape<'a> {
     pub traceparent: &'a HeaderValue,
     /// Which optional headers the client's request carries.
     pub seen: Seen,
+    /// Whether the client's own `X-Forwarded-For` is kept (appended to); false for an
+    /// untrusted client under `routing.forwarded_for: replace`.
+    pub keep_forwarded_for: bool,
 }
 
 /// Add the contract headers to the client's headers (hop-by-hop ones already removed by
@@ -64,7 +67,7 @@ pub fn add_headers(headers: &mut HeaderMap, s: &Shape<'_>) {
         .get(headers, Seen::FORWARDED_FOR, X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) if !prev.trim().is_empty() => {
+        Some(prev) if s.keep_forwarded_for && !prev.trim().is_empty() => {
             HeaderValue::from_str(&format!("{prev}, {}", s.conn.peer_ip_text))
                 .unwrap_or_else(|_| s.conn.peer_ip.clone())
         }
@@ -302,6 +305,7 @@ mod tests {
                 conn: &conn,
                 traceparent: &tp,
                 seen: Seen::default(),
+                keep_forwarded_for: true,
             },
         );
         // An h2c upstream's HPACK encoder sends these as never-indexed literals.
