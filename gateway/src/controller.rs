@@ -120,10 +120,16 @@ pub async fn step(shared: &Arc<Shared>) {
                 i.health.is_probe_up()
                     && i.health.probe_streak() >= i64::from(p.failover.recover_probes)
             }),
-            target_available: cell
-                .failover
-                .iter()
-                .any(|&f| table.cell(f).is_some_and(|t| t.is_serving(now, p))),
+            // A target that failed over earlier in this same round serves no more: two
+            // cells failing over to each other must not both leave in one round.
+            target_available: cell.failover.iter().any(|&f| {
+                table.cell(f).is_some_and(|t| {
+                    t.is_serving(now, p)
+                        && !transitions.iter().any(|(id, tr): &(Arc<str>, Transition)| {
+                            *id == t.id && matches!(tr, Transition::FailedOver { .. })
+                        })
+                })
+            }),
         };
         let quorum_met = quorum <= 1
             || match &peers {
