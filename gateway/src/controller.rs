@@ -20,13 +20,26 @@ pub async fn run(shared: Arc<Shared>, tick: Duration) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probes: HashMap<Arc<str>, JoinHandle<()>> = HashMap::new();
+    let mut fleet = FleetView::default();
     loop {
         interval.tick().await;
         let table = shared.table.load_full();
         ensure_probes(&shared, &table, &mut probes);
-        step(&shared).await;
+        step(&shared, &mut fleet).await;
     }
 }
+
+/// The other gateways' verdicts as last read, for a failover quorum. Read at most every
+/// [`FLEET_READ_EVERY`] (they publish every two seconds), and only while some cell that has
+/// not failed over is seen failing here.
+#[derive(Default)]
+pub struct FleetView {
+    read_at: Option<Instant>,
+    peers: Option<PeerVerdicts>,
+}
+
+/// How often [`FleetView`] reads the fleet's registrations at most.
+const FLEET_READ_EVERY: Duration = Duration::from_secs(1);
 
 fn ensure_probes(
     shared: &Arc<Shared>,
@@ -97,19 +110,28 @@ fn unix_ms() -> u64 {
 }
 
 /// One controller round: failover transitions first (they rebuild the table), then weights.
-pub async fn step(shared: &Arc<Shared>) {
+pub async fn step(shared: &Arc<Shared>, fleet: &mut FleetView) {
     let detected = Instant::now();
     let now = now_ms();
     let table = shared.table.load_full();
     let p = table.health_policy();
-    let mut transitions = Vec::new();
+    let mut transitions: Vec<(Arc<str>, Transition)> = Vec::new();
     // A failover quorum counts the other gateways' verdicts; read only when it matters.
     let quorum = p.failover.quorum;
-    let peers = if quorum > 1 && table.cells().iter().any(|c| c.health.sees_failing()) {
-        Some(peer_verdicts(shared).await)
-    } else {
-        None
-    };
+    let wanted = quorum > 1
+        && table
+            .cells()
+            .iter()
+            .any(|c| c.health.sees_failing() && !c.health.is_failed_over());
+    if wanted
+        && fleet
+            .read_at
+            .is_none_or(|t| t.elapsed() >= FLEET_READ_EVERY)
+    {
+        fleet.peers = peer_verdicts(shared).await;
+        fleet.read_at = Some(Instant::now());
+    }
+    let peers = if wanted { fleet.peers.as_ref() } else { None };
     for cell in table.cells() {
         if cell.configured_state != CellState::Active {
             continue;
@@ -125,23 +147,23 @@ pub async fn step(shared: &Arc<Shared>) {
             target_available: cell.failover.iter().any(|&f| {
                 table.cell(f).is_some_and(|t| {
                     t.is_serving(now, p)
-                        && !transitions.iter().any(|(id, tr): &(Arc<str>, Transition)| {
+                        && !transitions.iter().any(|(id, tr)| {
                             *id == t.id && matches!(tr, Transition::FailedOver { .. })
                         })
                 })
             }),
         };
         let quorum_met = quorum <= 1
-            || match &peers {
+            || match peers {
                 // This gateway (which must see it failing to fail it over) and the others
                 // that do; the quorum is capped at the gateways alive.
-                Some(Some(v)) => {
+                Some(v) => {
                     let need = (quorum as usize).min(v.live + 1);
                     1 + v.failing.get(&*cell.id).copied().unwrap_or(0) >= need
                 }
                 // Not read yet (this gateway saw nothing failing last time), or unreadable:
                 // no automatic failover on this gateway's view alone.
-                _ => false,
+                None => false,
             };
         tracing::trace!(cell = %cell.id, window = ?cell.health.window(now), ?signals, quorum_met, "evaluate");
         if let Some(t) = cell
