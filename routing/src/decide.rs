@@ -167,11 +167,7 @@ impl RoutingTable {
         if cell.state == CellState::FailedOver
             && cell.configured_state == CellState::Active
             && input.avoid != Some(home)
-            && cell.health.breaker_allows(now, &self.health)
-            && cell
-                .instances
-                .iter()
-                .any(|i| i.health.is_available(now, &self.health))
+            && cell.can_serve(now, &self.health)
         {
             return Ok(Decision {
                 cell: home,

@@ -172,8 +172,14 @@ impl Cell {
     /// least one instance available.
     #[inline]
     pub fn is_serving(&self, now: u64, p: &HealthPolicy) -> bool {
-        self.state == CellState::Active
-            && self.health.breaker_allows(now, p)
+        self.state == CellState::Active && self.can_serve(now, p)
+    }
+
+    /// Whether the cell could take traffic at `now` whatever its state: its breaker lets
+    /// traffic through and an instance is available.
+    #[inline]
+    pub fn can_serve(&self, now: u64, p: &HealthPolicy) -> bool {
+        self.health.breaker_allows(now, p)
             && self.instances.iter().any(|i| i.health.is_available(now, p))
     }
 }
