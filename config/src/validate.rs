@@ -66,17 +66,86 @@ pub fn parse_range(s: &str) -> Option<(u32, u32)> {
     }
 }
 
+/// Longest one name lookup may hold up a validation before the name's last address is used
+/// (the lookup itself finishes on its own thread and is dropped). A resolver that stopped
+/// answering (often during the very regional outage the operator is reacting to) would
+/// otherwise hold every admin change for the C library's full retry schedule, per name.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Resolve `host:port` (off the request path). The first IPv4 address wins when there is one.
 ///
 /// A name that resolved before and fails now (a DNS outage, often during the very regional
 /// outage the operator is reacting to) keeps its last address, with a warning, so a
 /// configuration change, an admin action or a failover rebuild is not refused for it.
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// `dns_down` is set by a lookup that ran out of time: the rest of the same validation then
+/// uses last addresses without waiting again.
+fn resolve(addr: &str, dns_down: &std::cell::Cell<bool>) -> Result<SocketAddr, String> {
+    if dns_down.get() && last_resolved(addr).is_some() {
+        return resolve_with(addr, |_| Err("an earlier lookup ran out of time".into()));
+    }
     resolve_with(addr, |a| {
-        a.to_socket_addrs()
-            .map(|it| it.collect::<Vec<_>>())
-            .map_err(|e| e.to_string())
+        let r = lookup_bounded(a, LOOKUP_TIMEOUT, |a| {
+            a.to_socket_addrs()
+                .map(|it| it.collect::<Vec<_>>())
+                .map_err(|e| e.to_string())
+        });
+        if matches!(&r, Err(e) if e.starts_with(TIMED_OUT)) {
+            dns_down.set(true);
+        }
+        r
     })
+}
+
+const TIMED_OUT: &str = "no answer within";
+
+/// Run `lookup` on its own thread and wait at most `timeout` for it.
+fn lookup_bounded(
+    addr: &str,
+    timeout: Duration,
+    lookup: impl FnOnce(&str) -> Result<Vec<SocketAddr>, String> + Send + 'static,
+) -> Result<Vec<SocketAddr>, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let name = addr.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("cellgate-dns".into())
+        .spawn(move || {
+            // The receiver may be gone (timed out): nothing to do then.
+            let _ = tx.send(lookup(&name));
+        });
+    if let Err(e) = spawned {
+        return Err(format!("cannot start a lookup thread: {e}"));
+    }
+    rx.recv_timeout(timeout)
+        .unwrap_or_else(|_| Err(format!("{TIMED_OUT} {} ms", timeout.as_millis())))
+}
+
+/// The address a routing table uses for `addr`: an IP as written, else the name's last
+/// resolution (made by the validation that accepted this configuration), else a lookup. A
+/// table rebuilt for a health transition therefore never waits on DNS: failover is not held
+/// up by a resolver that stopped answering.
+fn table_addr(addr: &str) -> Result<SocketAddr, String> {
+    table_addr_with(addr, |a| resolve(a, &std::cell::Cell::new(false)))
+}
+
+fn table_addr_with(
+    addr: &str,
+    resolve: impl FnOnce(&str) -> Result<SocketAddr, String>,
+) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return resolve_with(addr, |_| Ok(vec![a]));
+    }
+    match last_resolved(addr) {
+        Some(a) => Ok(a),
+        None => resolve(addr),
+    }
+}
+
+fn last_resolved(addr: &str) -> Option<SocketAddr> {
+    resolved()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(addr)
+        .copied()
 }
 
 /// Last good resolution of each `host:port` name, for [`resolve`].
@@ -151,6 +220,7 @@ impl Config {
     /// reported with its path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut is = Issues(Vec::new());
+        let dns_down = std::cell::Cell::new(false);
         if let Err(e) = self.listen.http.parse::<SocketAddr>() {
             is.push(
                 "listen.http",
@@ -419,7 +489,7 @@ impl Config {
                         format!("duplicate instance name {:?} in cell {:?}", inst.name, c.id),
                     );
                 }
-                if let Err(m) = resolve(&inst.addr) {
+                if let Err(m) = resolve(&inst.addr, &dns_down) {
                     is.push(format!("{ip}.addr"), m);
                 }
                 if inst.weight > 1_000_000 {
@@ -613,7 +683,7 @@ impl Config {
         for (i, c) in self.cells.iter().enumerate() {
             let mut instances = Vec::with_capacity(c.instances.len());
             for (j, inst) in c.instances.iter().enumerate() {
-                let addr = resolve(&inst.addr)
+                let addr = table_addr(&inst.addr)
                     .map_err(|m| invalid(format!("cells[{i}].instances[{j}].addr"), m))?;
                 instances.push(InstanceSpec {
                     name: inst.name.clone(),
@@ -845,7 +915,7 @@ mod tests {
     #[test]
     fn a_name_that_stops_resolving_keeps_its_last_address() {
         // The real resolver first: a name that resolves here.
-        let local = resolve("localhost:8080").unwrap();
+        let local = resolve("localhost:8080", &std::cell::Cell::new(false)).unwrap();
         assert!(local.ip().is_loopback());
         // A DNS outage cannot be made on this machine: the lookup is replaced by one that
         // answers, then fails.
@@ -867,5 +937,57 @@ mod tests {
         // A name that resolves again takes its new address.
         let b: SocketAddr = "10.1.2.4:8443".parse().unwrap();
         assert_eq!(resolve_with(name, |_| Ok(vec![b])), Ok(b));
+    }
+
+    #[test]
+    fn a_lookup_that_does_not_answer_is_given_up_on_time() {
+        let t0 = std::time::Instant::now();
+        let r = lookup_bounded(
+            "slow.example.internal:80",
+            Duration::from_millis(200),
+            |_| {
+                std::thread::sleep(Duration::from_secs(3));
+                Ok(vec![])
+            },
+        );
+        let e = r.unwrap_err();
+        assert!(e.starts_with(TIMED_OUT), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        // A prompt answer comes through.
+        let a: SocketAddr = "10.9.9.9:80".parse().unwrap();
+        assert_eq!(
+            lookup_bounded(
+                "fast.example.internal:80",
+                Duration::from_secs(2),
+                move |_| Ok(vec![a])
+            ),
+            Ok(vec![a])
+        );
+    }
+
+    #[test]
+    fn a_table_build_uses_the_address_validation_resolved() {
+        // Validation resolves a name; the table built after it (and every rebuild for a
+        // health transition) takes that address without a lookup of its own.
+        let name = "cell-table.example.internal:9000";
+        let a: SocketAddr = "10.7.7.7:9000".parse().unwrap();
+        assert_eq!(resolve_with(name, |_| Ok(vec![a])), Ok(a));
+        let no_lookup = |a: &str| -> Result<SocketAddr, String> { panic!("looked up {a}") };
+        assert_eq!(table_addr_with(name, no_lookup), Ok(a));
+        // An IP needs no lookup; port 0 is still refused.
+        assert_eq!(
+            table_addr_with("10.1.1.1:80", no_lookup),
+            Ok("10.1.1.1:80".parse().unwrap())
+        );
+        assert!(table_addr_with("10.1.1.1:0", no_lookup).is_err());
+        // A name never resolved is looked up.
+        let b: SocketAddr = "10.7.7.8:9000".parse().unwrap();
+        assert_eq!(
+            table_addr_with("cell-new.example.internal:9000", |_| Ok(b)),
+            Ok(b)
+        );
+        // Once a lookup ran out of time, the rest of the validation uses last addresses.
+        let down = std::cell::Cell::new(true);
+        assert_eq!(resolve(name, &down), Ok(a));
     }
 }
