@@ -192,7 +192,7 @@ impl Default for Admin {
 }
 
 /// Admin API TLS: the server's certificate and the CA that client certificates must chain
-/// to (every admin client must present one).
+/// to.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdminTlsCfg {
@@ -202,6 +202,22 @@ pub struct AdminTlsCfg {
     pub key: String,
     /// PEM file of the CA certificate(s) that sign admin client certificates.
     pub client_ca: String,
+    /// Which clients must present a certificate.
+    #[serde(default)]
+    pub client_cert: ClientCertCfg,
+}
+
+/// `admin.tls.client_cert`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertCfg {
+    /// Every client, at the handshake.
+    #[default]
+    Required,
+    /// Only calls to `/admin/*`: `/healthz`, `/readyz`, `/metrics` and `/ui` are served to
+    /// clients without one (load-balancer and kubelet probes, scrapers that cannot present
+    /// one). A certificate that is presented must still chain to `client_ca`.
+    AdminOnly,
 }
 
 fn default_max_move_share() -> f64 {

@@ -113,19 +113,25 @@ pub fn reloading_server_config(
 }
 
 /// The admin API's server configuration: TLS 1.2/1.3 with the certificate in `cert_path`
-/// and `key_path`, and a client certificate required, chaining to a CA in
-/// `client_ca_path` (mTLS). ALPN `h2` and `http/1.1`.
+/// and `key_path`, and client certificates chaining to a CA in `client_ca_path` (mTLS):
+/// required at the handshake, or, with `optional`, verified when presented (the admin
+/// router then refuses `/admin/*` to a connection without one). ALPN `h2` and `http/1.1`.
 pub fn admin_server_config(
     cert_path: &str,
     key_path: &str,
     client_ca_path: &str,
+    optional: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = parse_certs(&read(cert_path)?, cert_path)?;
     let key = parse_key(&read(key_path)?, key_path)?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca_path)?), provider())
-            .build()
-            .map_err(|e| TlsError::Invalid(format!("{client_ca_path}: {e}")))?;
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca_path)?), provider());
+    if optional {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| TlsError::Invalid(format!("{client_ca_path}: {e}")))?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Invalid(e.to_string()))?

@@ -265,6 +265,7 @@ async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca(
         dir.path("cert.pem").to_str().unwrap(),
         dir.path("key.pem").to_str().unwrap(),
         dir.path("client_ca.pem").to_str().unwrap(),
+        false,
     )
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
@@ -524,4 +525,90 @@ async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificat
         .await
         .unwrap();
     assert_eq!(s, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_only_client_certificates_leave_the_probes_open_and_keep_admin_closed() {
+    let (server_ca, client_ca, other_ca, dir) = admin_mtls_files("adminonly");
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        &format!(
+            "admin:\n  token: s3cret\n  tls: {{ cert: {}, key: {}, client_ca: {}, client_cert: admin_only }}\n",
+            dir.path("cert.pem").display(),
+            dir.path("key.pem").display(),
+            dir.path("client_ca.pem").display()
+        ),
+    );
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let admin = gw.admin_addr.expect("admin listener");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut server_ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let roots = Arc::new(roots);
+    let client = |identity: Option<&Pem>| {
+        let b = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(Arc::clone(&roots));
+        let mut cfg = match identity {
+            None => b.with_no_client_auth(),
+            Some(p) => {
+                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
+                    .unwrap()
+                    .unwrap();
+                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
+            }
+        };
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let anonymous = client(None);
+    // No certificate: the probes and the metrics are served...
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (s, body) = admin_tls_request(admin, &anonymous, http::Method::GET, path, None)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{path}: {body}");
+    }
+    // ...and /admin is not, token or not, with a message that says what is missing.
+    let (s, body) = admin_tls_request(
+        admin,
+        &anonymous,
+        http::Method::GET,
+        "/admin/cells",
+        Some("s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 401, "{body}");
+    assert!(body.contains("client certificate"), "{body}");
+    let (s, _) = admin_tls_request(
+        admin,
+        &anonymous,
+        http::Method::POST,
+        "/admin/cells/a/drain",
+        Some("s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 401);
+    // A certificate from client_ca and the token: served.
+    let operator = client(Some(&leaf(&client_ca, "operator")));
+    let (s, body) = admin_tls_request(
+        admin,
+        &operator,
+        http::Method::GET,
+        "/admin/cells",
+        Some("s3cret"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200, "{body}");
+    // A certificate from another CA is still refused at the handshake.
+    let stranger = client(Some(&leaf(&other_ca, "operator")));
+    let r = admin_tls_request(admin, &stranger, http::Method::GET, "/healthz", None).await;
+    assert!(r.is_err(), "another CA's certificate: {r:?}");
 }

@@ -17,8 +17,10 @@
 //!
 //! Transport: [`serve`] answers HTTP/1.1 over plain TCP, or, with `admin.tls` set, only over
 //! TLS with a client certificate that chains to `admin.tls.client_ca` (mTLS; HTTP/1.1 or
-//! h2 by ALPN). A failed or timed-out handshake closes that connection with a log line;
-//! the listener keeps accepting. The certificates are read at start-up.
+//! h2 by ALPN). With `admin.tls.client_cert: admin_only` a client without a certificate
+//! completes the handshake and is served everything but `/admin/*` (401 there). A failed or
+//! timed-out handshake closes that connection with a log line; the listener keeps
+//! accepting. The certificates are read at start-up.
 //!
 //! What it must never do: run on a worker thread, touch the request path, or change the
 //! table other than through [`crate::control::mutate`].
@@ -161,7 +163,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serve `router` on `listener` until the runtime stops: plain HTTP/1.1, or TLS through
-/// `tls` (whose configuration requires a client certificate) with HTTP/1.1 or h2 by ALPN.
+/// `tls` (whose configuration verifies client certificates) with HTTP/1.1 or h2 by ALPN;
+/// `/admin/*` is refused on a TLS connection without a client certificate.
 /// Accept errors are logged and retried; a failed or timed-out handshake only drops its
 /// connection.
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Router) {
@@ -206,8 +209,18 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Rout
     }
 }
 
+/// Marks the requests of an admin TLS connection that presented no client certificate.
+#[derive(Clone, Copy)]
+struct NoClientCert;
+
 async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     use axum::response::IntoResponse;
+    if req.extensions().get::<NoClientCert>().is_some() {
+        return AppError::Unauthorized(
+            "a client certificate signed by admin.tls.client_ca is required for /admin".into(),
+        )
+        .into_response();
+    }
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)

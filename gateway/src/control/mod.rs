@@ -517,8 +517,13 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
     let cfg = &opts.config;
     let admin_tls = match &cfg.admin.tls {
         Some(t) => {
-            let server = crate::tls::admin_server_config(&t.cert, &t.key, &t.client_ca)
-                .map_err(|e| GatewayError::Control(format!("admin.tls: {e}")))?;
+            let server = crate::tls::admin_server_config(
+                &t.cert,
+                &t.key,
+                &t.client_ca,
+                t.client_cert == cellgate_config::ClientCertCfg::AdminOnly,
+            )
+            .map_err(|e| GatewayError::Control(format!("admin.tls: {e}")))?;
             Some(server)
         }
         None => None,
