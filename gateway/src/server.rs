@@ -617,6 +617,7 @@ impl Gateway {
             boot.admin,
             boot.admin_tls,
             http_addr,
+            opts.watch_interval,
         )?;
         Ok(Self {
             shared,
@@ -680,7 +681,7 @@ impl Gateway {
                 tokio::spawn(task);
             }
             if let Some(certs) = self.certs.clone() {
-                tokio::spawn(watch_certs(certs, self.opts.watch_interval));
+                tokio::spawn(watch_certs("tls", certs, self.opts.watch_interval));
             }
             crate::upgrade::signal_predecessor();
             loop {
@@ -745,9 +746,13 @@ impl Gateway {
     }
 }
 
-/// Look at the certificate files at `interval`; a changed, valid pair serves new
+/// Look at `listener`'s certificate files at `interval`; a changed, valid pair serves new
 /// connections, a bad one is refused and the old one kept.
-async fn watch_certs(certs: Arc<CertReloader>, interval: Duration) {
+pub(crate) async fn watch_certs(
+    listener: &'static str,
+    certs: Arc<CertReloader>,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
@@ -763,6 +768,7 @@ async fn watch_certs(certs: Arc<CertReloader>, interval: Duration) {
             CertReload::Applied => {
                 last_error = None;
                 tracing::info!(
+                    listener,
                     cert,
                     key,
                     "TLS certificate reloaded; new connections get it"
@@ -770,7 +776,7 @@ async fn watch_certs(certs: Arc<CertReloader>, interval: Duration) {
             }
             CertReload::Rejected(e) => {
                 if last_error.as_deref() != Some(e.as_str()) {
-                    tracing::error!(cert, key, error = %e, "TLS certificate rejected; the previous certificate keeps serving");
+                    tracing::error!(listener, cert, key, error = %e, "TLS certificate rejected; the previous certificate keeps serving");
                     last_error = Some(e);
                 }
             }

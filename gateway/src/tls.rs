@@ -116,14 +116,16 @@ pub fn reloading_server_config(
 /// and `key_path`, and client certificates chaining to a CA in `client_ca_path` (mTLS):
 /// required at the handshake, or, with `optional`, verified when presented (the admin
 /// router then refuses `/admin/*` to a connection without one). ALPN `h2` and `http/1.1`.
+///
+/// The server certificate comes from the returned [`CertReloader`] (watched like the proxy
+/// listener's); the client CA is read once.
 pub fn admin_server_config(
     cert_path: &str,
     key_path: &str,
     client_ca_path: &str,
     optional: bool,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = parse_certs(&read(cert_path)?, cert_path)?;
-    let key = parse_key(&read(key_path)?, key_path)?;
+) -> Result<(Arc<ServerConfig>, Arc<CertReloader>), TlsError> {
+    let reloader = Arc::new(CertReloader::load(cert_path, key_path)?);
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(client_ca_path)?), provider());
     if optional {
@@ -136,10 +138,9 @@ pub fn admin_server_config(
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Invalid(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Invalid(format!("{cert_path} / {key_path}: {e}")))?;
+        .with_cert_resolver(Arc::clone(&reloader) as Arc<dyn ResolvesServerCert>);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), reloader))
 }
 
 /// `cellgate ctl`'s client configuration for an admin API served over TLS: server
@@ -167,7 +168,8 @@ pub fn admin_client_config(
     Ok(Arc::new(cfg))
 }
 
-/// The proxy listener's current certificate, swapped whole on reload.
+/// A listener's current certificate (the proxy's TLS listener, the admin API's), swapped
+/// whole on reload.
 pub struct CertReloader {
     cert_path: String,
     key_path: String,

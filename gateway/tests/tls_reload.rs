@@ -2,7 +2,8 @@
 //! without a restart and without a failed request (a bad replacement is refused and the
 //! previous one keeps serving); upstream TLS per cell (CA and name verified, or
 //! `insecure_skip_verify`); the admin API's mTLS server configuration, and the admin
-//! listener of the real binary serving only clients with a certificate from `client_ca`.
+//! listener of the real binary serving only clients with a certificate from `client_ca`
+//! (or, under `client_cert: admin_only`, its probes to anyone), its certificate reloaded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -267,7 +268,8 @@ async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca(
         dir.path("client_ca.pem").to_str().unwrap(),
         false,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -611,4 +613,45 @@ async fn admin_only_client_certificates_leave_the_probes_open_and_keep_admin_clo
     let stranger = client(Some(&leaf(&other_ca, "operator")));
     let r = admin_tls_request(admin, &stranger, http::Method::GET, "/healthz", None).await;
     assert!(r.is_err(), "another CA's certificate: {r:?}");
+
+    // The admin certificate is reloaded like the proxy listener's: a renewed pair on disk
+    // serves new connections without a restart.
+    let presented = || {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(Arc::clone(&roots))
+            .with_no_client_auth();
+        cfg.resumption = rustls::client::Resumption::disabled();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        async move {
+            let tcp = TcpStream::connect(admin).await.unwrap();
+            let tls = connector
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+        }
+    };
+    let first = presented().await;
+    let renewed = leaf(&server_ca, "localhost");
+    assert_ne!(first, renewed.der);
+    write_atomic(&dir.path("cert.pem"), &renewed.cert);
+    write_atomic(&dir.path("key.pem"), &renewed.key);
+    let t = Instant::now();
+    while presented().await != renewed.der {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the renewed admin certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gw.wait_log("TLS certificate reloaded", Duration::from_secs(5))
+            .await
+    );
+    let (s, _) = admin_tls_request(admin, &anonymous, http::Method::GET, "/healthz", None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
 }

@@ -20,7 +20,8 @@
 //! h2 by ALPN). With `admin.tls.client_cert: admin_only` a client without a certificate
 //! completes the handshake and is served everything but `/admin/*` (401 there). A failed or
 //! timed-out handshake closes that connection with a log line; the listener keeps
-//! accepting. The certificates are read at start-up.
+//! accepting. The server certificate is reloaded when its files change; the client CA is
+//! read at start-up.
 //!
 //! What it must never do: run on a worker thread, touch the request path, or change the
 //! table other than through [`crate::control::mutate`].
@@ -199,6 +200,13 @@ pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Rout
                     tracing::debug!(listener = "admin", client = %peer, "admin TLS handshake timed out");
                     return;
                 }
+            };
+            // Only possible under `client_cert: admin_only`: rustls hands over verified
+            // certificates only, and requires one otherwise.
+            let router = if stream.get_ref().1.peer_certificates().is_none() {
+                router.layer(axum::Extension(NoClientCert))
+            } else {
+                router
             };
             let service = TowerToHyperService::new(router);
             let conn = auto::Builder::new(TokioExecutor::new());

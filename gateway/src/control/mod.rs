@@ -444,8 +444,9 @@ pub struct Boot {
     pub runtime: ControlRuntime,
     /// The bound admin listener.
     pub admin: std::net::TcpListener,
-    /// The admin listener's TLS (client certificates required), when `admin.tls` is set.
-    pub admin_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin listener's TLS (client certificates verified) and its certificate, when
+    /// `admin.tls` is set.
+    pub admin_tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::CertReloader>)>,
 }
 
 fn default_state_dir(opts: &RunOptions) -> PathBuf {
@@ -750,14 +751,16 @@ pub fn boot(opts: &RunOptions, health: &HealthRegistry) -> Result<Boot, GatewayE
 }
 
 /// Start the control plane's tasks on its runtime: the admin API (over TLS with client
-/// certificates required when `admin_tls` is given), and with etcd the watch and the fleet
-/// registration. Returns the admin address.
+/// certificates verified when `admin_tls` is given, its certificate files looked at every
+/// `watch_interval`), and with etcd the watch and the fleet registration. Returns the admin
+/// address.
 pub fn start(
     shared: &Arc<Shared>,
     runtime: &ControlRuntime,
     admin: std::net::TcpListener,
-    admin_tls: Option<Arc<rustls::ServerConfig>>,
+    admin_tls: Option<(Arc<rustls::ServerConfig>, Arc<crate::tls::CertReloader>)>,
     proxy: SocketAddr,
+    watch_interval: std::time::Duration,
 ) -> Result<SocketAddr, GatewayError> {
     let Some(handle) = runtime.handle() else {
         return Err(GatewayError::Control("control runtime is gone".into()));
@@ -773,7 +776,10 @@ pub fn start(
     };
     let router = crate::admin::router(Arc::clone(shared));
     let mtls = admin_tls.is_some();
-    let acceptor = admin_tls.map(tokio_rustls::TlsAcceptor::from);
+    let acceptor = admin_tls.map(|(cfg, certs)| {
+        handle.spawn(crate::server::watch_certs("admin", certs, watch_interval));
+        tokio_rustls::TlsAcceptor::from(cfg)
+    });
     handle.spawn(crate::admin::serve(listener, acceptor, router));
     if shared.control.is_etcd() {
         handle.spawn(etcd_sync::run(Arc::clone(shared)));
