@@ -74,6 +74,15 @@ pub enum StoreError {
     /// The request itself is wrong (for example pushing over an existing configuration).
     #[error("{0}")]
     Refused(String),
+    /// A transaction was sent and no answer came back, nor can etcd be asked now whether
+    /// it was applied.
+    #[error("etcd did not answer the change ({message}); it may have been applied: audit record {audit_id} (GET /admin/audit) is there if it was — re-read before retrying")]
+    Indeterminate {
+        /// The change's audit record id, written only by its transaction.
+        audit_id: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// One change of a table document.
@@ -431,7 +440,25 @@ impl EtcdStore {
             })
             .await;
         let _ = tokio::time::timeout(CALL_TIMEOUT, c.unlock(lock_key)).await;
-        let resp = resp?;
+        let resp = match resp {
+            Ok(r) => r,
+            // The transaction may have been applied with every answer lost: our audit
+            // record says so. Asked once; if etcd cannot answer that either, the outcome is
+            // unknown and the error says how to find out.
+            Err(e) => {
+                let key = self.key(&audit_rel);
+                return match timed(self, "get", c.get(key, None)).await {
+                    Ok(r) => match r.kvs().first() {
+                        Some(kv) => Ok(kv.mod_revision()),
+                        None => Err(e),
+                    },
+                    Err(_) => Err(StoreError::Indeterminate {
+                        audit_id: audit.id.clone(),
+                        message: e.to_string(),
+                    }),
+                };
+            }
+        };
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision()));
         }

@@ -11,7 +11,8 @@
 //! - Errors are JSON `{"error": "..."}`: 400 names what is wrong with the request, 404 an
 //!   unknown cell, 409 a change that lost a race (re-read and retry), 422 a change over the
 //!   traffic cap (repeat with `force=true`), 503 a store that cannot be reached (nothing
-//!   changed).
+//!   changed, unless the message says a sent change went unanswered: then its audit
+//!   record tells).
 //! - Mutations take `?dry_run=true` (answer with the plan, change nothing) and
 //!   `?force=true` (ignore `admin.max_move_share`), and are audited before they answer.
 //!
