@@ -13,6 +13,12 @@
 //! - **send stall**: a request in flight whose answer the client has not taken for
 //!   `limits.idle_timeout` (every write to the socket blocked that long: the client stopped
 //!   reading) cuts the connection, which frees its upstream connection too;
+//! - **answer stall** (HTTP/1): a request whose answer has begun (something was written
+//!   for it) and of which nothing more came for `limits.idle_timeout`, with nothing received
+//!   from the client either (an upstream that stopped mid-body: hung, or cut off by a
+//!   partition without a reset) cuts the connection the same way, so neither the client
+//!   nor the upstream connection waits forever. Before the answer begins the request's
+//!   deadline applies; an HTTP/2 client can cancel a stalled stream itself;
 //! - **drain**: once the server drains, a busy HTTP/1 connection finishes its request and
 //!   closes (`Connection: close`); an idle one is given [`DRAIN_LINGER`] for a request
 //!   already on its way, then closed; HTTP/2 gets GOAWAY and its open streams finish.
@@ -111,6 +117,12 @@ pub struct Activity {
     /// Since when the socket has taken none of the bytes written to it (the last write
     /// would block); `None` once a write goes through.
     write_blocked_since: Cell<Option<Instant>>,
+    /// Writes that went through (wrapping), and their count when the request in flight
+    /// started: the answer has begun once they differ.
+    writes: Cell<u32>,
+    writes_at_start: Cell<u32>,
+    /// The watchdog's last look at `writes`, and when it last saw the count move.
+    progress: Cell<(u32, Instant)>,
 }
 
 /// A byte-level look at each HTTP/1 request head as it arrives, for what hyper's parser
@@ -314,6 +326,9 @@ impl Activity {
             served: Cell::new(false),
             unflushed: Cell::new(false),
             write_blocked_since: Cell::new(None),
+            writes: Cell::new(0),
+            writes_at_start: Cell::new(0),
+            progress: Cell::new((0, now)),
         })
     }
 
@@ -323,6 +338,7 @@ impl Activity {
         self.in_flight.set(self.in_flight.get().saturating_add(1));
         self.head_since.set(None);
         self.served.set(true);
+        self.writes_at_start.set(self.writes.get());
         self.scan.replace(HeadScan::default())
     }
 
@@ -353,10 +369,15 @@ impl Activity {
     /// A write to the socket would block (`blocked`) or went through.
     #[inline]
     fn note_write(&self, blocked: bool) {
-        match (blocked, self.write_blocked_since.get()) {
-            (true, None) => self.write_blocked_since.set(Some(Instant::now())),
-            (false, Some(_)) => self.write_blocked_since.set(None),
-            _ => {}
+        if blocked {
+            if self.write_blocked_since.get().is_none() {
+                self.write_blocked_since.set(Some(Instant::now()));
+            }
+        } else {
+            self.writes.set(self.writes.get().wrapping_add(1));
+            if self.write_blocked_since.get().is_some() {
+                self.write_blocked_since.set(None);
+            }
         }
     }
 
@@ -397,6 +418,20 @@ impl Activity {
                     Ok(end)
                 };
             }
+            let writes = self.writes.get();
+            if self.track_head.get() && writes != self.writes_at_start.get() {
+                let (seen, mut moved) = self.progress.get();
+                if seen != writes {
+                    moved = now;
+                    self.progress.set((writes, now));
+                }
+                let end = moved.max(self.last_active.get()) + s.idle;
+                return if now >= end {
+                    Err(Expired::AnswerStalled)
+                } else {
+                    Ok(end)
+                };
+            }
             return Ok(now + s.idle);
         }
         let end = self.last_active.get() + s.idle;
@@ -413,6 +448,7 @@ enum Expired {
     HeaderRead,
     Idle,
     SendStalled,
+    AnswerStalled,
 }
 
 /// The client stream: replays bytes read while detecting the protocol, and tells
@@ -897,6 +933,14 @@ async fn drive<C: Served>(
                 if let Err(Expired::SendStalled) = checked {
                     tracing::debug!(
                         "client took none of the answer within the idle timeout; connection closed"
+                    );
+                    return Ended::Cut;
+                }
+                // Nothing more of the answer will come: the client must not wait forever.
+                if let Err(Expired::AnswerStalled) = checked {
+                    tracing::warn!(
+                        idle_timeout_ms = s.idle.as_millis() as u64,
+                        "upstream sent nothing more of an answer within the idle timeout; client connection closed"
                     );
                     return Ended::Cut;
                 }

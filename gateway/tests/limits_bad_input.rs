@@ -777,3 +777,125 @@ async fn a_client_that_never_reads_is_cut_after_the_idle_timeout() {
     );
     still_serves(gw.addr).await;
 }
+
+/// An upstream that sends the head and `sent` bytes of a `len`-byte body, then a byte every
+/// `every` until `stop_after` more, then holds the connection open, saying nothing. Sends
+/// `()` on `closed` when the gateway closes the connection.
+async fn stalling_upstream(
+    len: usize,
+    sent: usize,
+    every: Duration,
+    stop_after: usize,
+    closed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&vec![b'z'; sent]).await;
+                for _ in 0..stop_after {
+                    tokio::time::sleep(every).await;
+                    if s.write_all(b"z").await.is_err() {
+                        let _ = closed.send(());
+                        return;
+                    }
+                }
+                // Silent from here on; report when the gateway lets go.
+                let end = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < end {
+                    match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => {
+                            let _ = closed.send(());
+                            return;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that stops in the middle of an answer (hung, or cut off by a partition
+/// without a reset) does not hold the client, or the upstream connection, forever: once
+/// nothing more came for `idle_timeout` (2 s) the client connection is cut and the upstream
+/// connection closed. One that trickles (a byte every 0.5 s for 5 s) is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_stops_midway_is_cut_after_the_idle_timeout() {
+    let (tx, mut upstream_closed) = tokio::sync::mpsc::unbounded_channel();
+    let stalled = stalling_upstream(100, 10, Duration::ZERO, 0, tx.clone()).await;
+    let trickle = stalling_upstream(10, 0, Duration::from_millis(500), 10, tx).await;
+    let plain = upstream("c", "c-1");
+    let yaml = config_yaml(
+        &[
+            cell("a", "r1", &[], &[("a-1", stalled)]),
+            cell("b", "r1", &[], &[("b-1", trickle)]),
+            cell("c", "r1", &[], &[("c-1", plain.addr)]),
+        ],
+        &format!("{LIMITS}overrides:\n  alice: a\n  bob: b\n  carol: c\n"),
+    );
+    let dir = TempDir::new("answer-stall");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+
+    // The trickle: every byte arrives, the connection stays open.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /t HTTP/1.1\r\nHost: x\r\nX-User-ID: bob\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let end = Instant::now() + Duration::from_secs(10);
+    while !got.ends_with(b"\r\n\r\nzzzzzzzzzz") {
+        match tokio::time::timeout_at(end.into(), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            other => panic!(
+                "a trickling answer was cut ({other:?}): {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+
+    // The stall: the head and 10 bytes, then the connection is closed.
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /s HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_all(&mut s, Duration::from_secs(10)).await;
+    assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
+    assert!(r.text.ends_with("\r\n\r\nzzzzzzzzzz"), "{:?}", r.text);
+    assert!(r.closed, "the client still waits for the rest");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+        "cut after {waited:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), upstream_closed.recv())
+        .await
+        .expect("the upstream connection was kept open")
+        .unwrap();
+    assert!(
+        gw.wait_log(
+            "upstream sent nothing more of an answer",
+            Duration::from_secs(2)
+        )
+        .await
+    );
+    let r = get(gw.addr, "/after", &[("x-user-id", "carol")]).await;
+    assert_eq!(r.status, 200, "the gateway serves normally afterwards");
+}
