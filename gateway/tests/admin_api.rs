@@ -265,6 +265,21 @@ async fn cells_table_and_health_endpoints_describe_the_gateway() {
     assert_eq!(bj1["instances"].as_array().unwrap().len(), 2);
     assert_eq!(bj1["instances"][1]["labels"]["gray"], "canary");
     assert_eq!(bj1["score"], 1.0);
+    // Effective weights in the units of the base weight (at most base × 1.5 with the RTT
+    // bonus); the cell's is its instances' sum (as cellgate_cell_weight).
+    let mut sum = 0.0;
+    for i in bj1["instances"].as_array().unwrap() {
+        let (w, e) = (
+            i["weight"].as_f64().unwrap(),
+            i["effective_weight"].as_f64().unwrap(),
+        );
+        assert!(e > 0.0 && e <= w * 1.5, "{i}");
+        sum += e;
+    }
+    assert!(
+        (bj1["effective_weight"].as_f64().unwrap() - sum).abs() < 1e-6,
+        "{bj1}"
+    );
 
     let (s, v) = api.get("/admin/cells/sh-1").await;
     assert_eq!(s, StatusCode::OK);
