@@ -238,3 +238,52 @@ cells:
     assert_eq!(r.header("x-cell-id"), Some("c2"), "stayed in region r2");
     assert_eq!(r.json()["instance"], "c2-1");
 }
+
+/// A deadline the client shortened (`X-Timeout`) that runs out is a 504 for that client
+/// but is not held against the upstream: a client cannot eject instances (or fail a cell
+/// over) by asking for impossible deadlines. The route's own deadline running out is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_the_client_shortened_does_not_count_against_the_upstream() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 300}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 2s, max: 5s }\n",
+    );
+    let dir = TempDir::new("e504client");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    // Twice the consecutive failures that eject an instance.
+    for _ in 0..10 {
+        let r = get(
+            gw.addr,
+            "/",
+            &[("x-user-id", "alice"), ("x-timeout", "20ms")],
+        )
+        .await;
+        assert_json_error(&r, 504, "20 ms");
+    }
+    let r = get(gw.addr, "/", &[("x-user-id", "alice")]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !gw.logs_contain("instance ejected"),
+        "ejected by client deadlines"
+    );
+
+    // The same upstream past the route's own deadline is counted: ejected after five.
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 20ms, max: 5s }\n",
+    );
+    std::fs::write(dir.path("d.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("d.yaml"));
+    for _ in 0..5 {
+        let r = get(gw.addr, "/", &[("x-user-id", "alice")]).await;
+        assert_eq!(r.status, 504);
+    }
+    assert!(
+        gw.wait_log("instance ejected", Duration::from_secs(5))
+            .await,
+        "the route's deadline is the upstream's failure"
+    );
+}

@@ -501,6 +501,11 @@ async fn proxy(
     let budget = deadline::budget(req.headers(), seen, table.timeouts())
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
+    // A deadline the client made shorter than the route's default says nothing about the
+    // upstream when it runs out: it is not held against the instance's or the cell's
+    // health (else any client could eject instances, or fail a cell over, with
+    // `X-Timeout: 1ms`).
+    let upstream_timed_out = budget >= table.timeouts().default;
     let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
         c.protocol.uses_h2(grpc).ok_or_else(|| {
             ProxyError::UpstreamFailed(format!(
@@ -681,7 +686,9 @@ async fn proxy(
         let outcome = match outcome {
             Ok(o) => o,
             Err(_) => {
-                record(cell, inst, now, Outcome::Timeout, p);
+                if upstream_timed_out {
+                    record(cell, inst, now, Outcome::Timeout, p);
+                }
                 return give_up(
                     held,
                     request_id,
