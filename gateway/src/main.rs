@@ -141,20 +141,31 @@ enum Command {
     /// Talk to a running gateway's admin API.
     Ctl {
         /// Admin API address.
-        #[arg(long, default_value = "127.0.0.1:9901", env = "CELLGATE_ADMIN")]
+        // `global`: accepted before or after the subcommand (`ctl cells --admin ...`).
+        #[arg(
+            long,
+            global = true,
+            default_value = "127.0.0.1:9901",
+            env = "CELLGATE_ADMIN"
+        )]
         admin: String,
         /// Bearer token.
-        #[arg(long, env = "CELLGATE_ADMIN_TOKEN", hide_env_values = true)]
+        #[arg(
+            long,
+            global = true,
+            env = "CELLGATE_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
         token: Option<String>,
         /// TLS: PEM file of the CA the admin API's certificate chains to (an admin API with
         /// `admin.tls`); turns TLS on.
-        #[arg(long, env = "CELLGATE_ADMIN_CA")]
+        #[arg(long, global = true, env = "CELLGATE_ADMIN_CA")]
         ca: Option<String>,
         /// mTLS: PEM client certificate chain (with `--key`).
-        #[arg(long, env = "CELLGATE_ADMIN_CERT", requires = "key")]
+        #[arg(long, global = true, env = "CELLGATE_ADMIN_CERT", requires = "key")]
         cert: Option<String>,
         /// mTLS: PEM private key of `--cert`.
-        #[arg(long, env = "CELLGATE_ADMIN_KEY", requires = "cert")]
+        #[arg(long, global = true, env = "CELLGATE_ADMIN_KEY", requires = "cert")]
         key: Option<String>,
         #[command(subcommand)]
         command: cellgate::ctl::CtlCommand,
@@ -172,9 +183,10 @@ enum ConfigCommand {
         /// Configuration file.
         #[arg(long)]
         config: PathBuf,
-        /// Key prefix (default /cellgate/).
-        #[arg(long, default_value = "/cellgate/")]
-        prefix: String,
+        /// Key prefix: as `cellgate run` takes it, this flag (also `--etcd-prefix`), else
+        /// the file's `etcd.prefix`, else /cellgate/.
+        #[arg(long, alias = "etcd-prefix")]
+        prefix: Option<String>,
         /// Overwrite a configuration already in etcd.
         #[arg(long)]
         replace: bool,
@@ -377,7 +389,7 @@ fn run(command: Command) -> Result<(), ExitCode> {
                     prefix,
                     replace,
                 },
-        } => config_push(&etcd, &config, &prefix, replace),
+        } => config_push(&etcd, &config, prefix.as_deref(), replace),
         Command::Ctl {
             admin,
             token,
@@ -436,10 +448,14 @@ fn small_runtime(what: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
 fn config_push(
     endpoints: &[String],
     path: &std::path::Path,
-    prefix: &str,
+    prefix: Option<&str>,
     replace: bool,
 ) -> Result<(), ExitCode> {
     let cfg = load(path)?;
+    let default_prefix = cellgate_config::default_prefix();
+    let prefix = prefix
+        .or_else(|| cfg.etcd.as_ref().map(|e| e.prefix.as_str()))
+        .unwrap_or(&default_prefix);
     cfg.build_table(1, &cellgate_health::HealthRegistry::new())
         .map_err(|e| {
             print_config_error(&path.display().to_string(), &e);

@@ -204,3 +204,42 @@ fn run_checks_the_etcd_prefix_and_gateway_id_overrides_like_the_file_keys() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("--gateway-id"), "{err}");
 }
+
+/// `cellgate ctl` takes `--admin`, `--token` (and the TLS flags) before or after its
+/// subcommand.
+#[test]
+fn ctl_takes_its_connection_flags_after_the_subcommand_too() {
+    let dir = TempDir::new("ctl-flags");
+    let gw = Gateway::start_args(&[
+        "run",
+        "--config",
+        DEMO,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--state-dir",
+        dir.0.to_str().unwrap(),
+    ]);
+    let admin = gw.admin_addr.unwrap().to_string();
+    let a = admin.as_str();
+    for args in [
+        ["ctl", "--admin", a, "--token", "demo-token", "cells"],
+        ["ctl", "cells", "--admin", a, "--token", "demo-token"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("CELLGATE_ADMIN")
+            .env_remove("CELLGATE_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("\"bj-1\""));
+    }
+}

@@ -282,3 +282,24 @@ async fn documents_refused_for_a_local_reason_apply_once_it_passes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `cellgate config push` takes the key prefix as `cellgate run` does: from the file's
+/// `etcd.prefix` when no flag names one, so a gateway started from the same file finds
+/// what was pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_push_uses_the_files_etcd_prefix() {
+    let etcd = Etcd::single().await;
+    let cells = Cells::new();
+    let dir = TempDir::new("docs-prefix");
+    let yaml = format!(
+        "{}etcd:\n  endpoints: [\"{}\"]\n  prefix: /team-a/\n",
+        cells.yaml(),
+        etcd.endpoints_arg()
+    );
+    push(&etcd.endpoints_arg(), &dir, &yaml);
+    let gw = gateway(&etcd.endpoints_arg(), &dir, &yaml, "prefix-0");
+    let admin = gw.admin_addr.unwrap();
+    let r = admin_get(admin, "/readyz").await;
+    assert_eq!(r["source"], "etcd", "{r}");
+    assert_eq!(r["store"]["state"], "ok", "{r}");
+}
