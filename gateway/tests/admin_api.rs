@@ -408,6 +408,17 @@ async fn drain_switch_restore_and_weight_steer_traffic_and_are_audited() {
     );
     assert!(r.get("switch").is_none());
 
+    // The manual switches are in the failover metrics with the automatic ones.
+    let (_, m) = api.raw(Method::GET, "/metrics", None, None).await;
+    let m = m.as_str().unwrap();
+    for line in [
+        r#"cellgate_failovers_total{from="bj-2",to="bj-1",reason="drain"} 1"#,
+        r#"cellgate_failovers_total{from="bj-2",to="sh-1",reason="manual"} 1"#,
+        "cellgate_switch_duration_seconds_count{} 3",
+    ] {
+        assert!(m.lines().any(|l| l == line), "no {line:?} in\n{m}");
+    }
+
     let (s, a) = api.get("/admin/audit?limit=10").await;
     assert_eq!(s, StatusCode::OK);
     let ev = a["events"].as_array().unwrap();

@@ -1010,6 +1010,29 @@ pub async fn mutate(
             }
         }
     }
+    // Manual switches are counted with the automatic ones (SPEC §3, §8): a drain or a
+    // switch as a failover from the cell to where its keys go now, a restore as a return.
+    let switch_us = started.elapsed().as_micros() as u64;
+    match &req.mutation {
+        Mutation::Switch { cell, to } => shared.metrics.failover(cell, to, "manual", switch_us),
+        Mutation::Drain { cell } => {
+            let now = cellgate_health::now_ms();
+            let to = after_table
+                .cell_idx(cell)
+                .and_then(|ci| after_table.cell(ci))
+                .and_then(|c| {
+                    c.failover.iter().find_map(|&f| {
+                        let fc = after_table.cell(f)?;
+                        fc.is_serving(now, after_table.health_policy())
+                            .then(|| fc.id.to_string())
+                    })
+                })
+                .unwrap_or_else(|| "none".to_owned());
+            shared.metrics.failover(cell, &to, "drain", switch_us);
+        }
+        Mutation::Restore { .. } => shared.metrics.switch(switch_us),
+        _ => {}
+    }
     tracing::info!(
         actor = %req.actor,
         action = out.action,
