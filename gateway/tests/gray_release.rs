@@ -155,6 +155,22 @@ async fn a_canary_with_five_percent_errors_is_switched_off_by_its_guard() {
         why.contains("canary-half") && why.contains("error rate"),
         "the audit log says why: {why}"
     );
+    // The table the admin API shows is the one serving: the rule is off there.
+    let t = get(
+        gw.admin_addr.unwrap(),
+        "/admin/table",
+        &[("authorization", "Bearer t0ken")],
+    )
+    .await
+    .json();
+    let rule = t["gray"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "canary-half")
+        .unwrap()
+        .clone();
+    assert_eq!(rule["enabled"], false, "{rule}");
     assert!(moved);
     let after: Vec<&Sample> = samples.iter().filter(|s| s.at > settled).collect();
     let wrong: Vec<(&str, u16)> = after

@@ -465,15 +465,38 @@ pub(super) async fn table(
         .into_iter()
         .map(|a| (a.cell, json!(a.ranges)))
         .collect();
+    // What serves: a cell's state in the table (health may have failed it over) beside the
+    // configured one, and a gray rule's `enabled` as the table has it (its guard may have
+    // switched it off).
     let cells: Vec<Value> = d
         .config
         .cells
         .iter()
         .map(|c| {
+            let state = t
+                .cell_idx(&c.id)
+                .and_then(|i| t.cell(i))
+                .map_or(c.state.as_str(), |tc| tc.state.as_str());
             json!({
-                "id": c.id, "region": c.region, "state": c.state.as_str(), "weight": c.weight,
+                "id": c.id, "region": c.region, "state": state,
+                "configured_state": c.state.as_str(), "weight": c.weight,
                 "failover": c.failover, "switched_to": c.switched_to,
             })
+        })
+        .collect();
+    let gray: Vec<Value> = d
+        .config
+        .gray
+        .iter()
+        .map(|g| {
+            let mut v = serde_json::to_value(g).unwrap_or(Value::Null);
+            if let (Some(o), Some(r)) = (
+                v.as_object_mut(),
+                t.gray_rules().iter().find(|r| *r.name == *g.name),
+            ) {
+                o.insert("enabled".into(), json!(r.enabled));
+            }
+            v
         })
         .collect();
     let overrides: BTreeMap<&str, &str> = t
@@ -492,7 +515,7 @@ pub(super) async fn table(
         "slot_ranges": ranges,
         "cells": cells,
         "overrides": overrides,
-        "gray": d.config.gray,
+        "gray": gray,
         "store": &*status,
         "rejected": status.rejected,
     })))
