@@ -57,6 +57,9 @@ pub struct Shared {
     pub writer: tokio::sync::Mutex<TableWriter>,
     /// Requests in flight through the gateway (load shedding).
     pub in_flight: AtomicU64,
+    /// The gateway is draining (SIGTERM): `/readyz` answers 503 so load balancers stop
+    /// sending to it.
+    pub draining: std::sync::atomic::AtomicBool,
     /// Shedding limits by SLO class.
     pub shedding: SheddingLimits,
     /// Recent cell switches (newest last), for operators.
@@ -176,6 +179,7 @@ impl Shared {
             health,
             writer: tokio::sync::Mutex::new(TableWriter::new(config)),
             in_flight: AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
             metrics: crate::metrics::Metrics::default(),
@@ -700,6 +704,7 @@ impl Gateway {
                 grace_ms = grace.as_millis() as u64,
                 "SIGTERM: draining; no new connections, in-flight requests finish"
             );
+            self.shared.draining.store(true, Ordering::Release);
             self.lifecycle.start_drain();
             // The workers close their listening sockets as their accept loops end; close
             // this thread's copies too, so new clients are refused at once (a successor, if

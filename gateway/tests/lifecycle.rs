@@ -196,6 +196,11 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let mut gw = Gateway::start(&dir.path("c.yaml"));
     let addr = gw.addr;
+    let r = get(gw.admin_addr.unwrap(), "/readyz", &[]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["ready"].as_bool()),
+        (200, Some(true))
+    );
     let mut c = H1::connect(addr).await;
     let in_flight =
         tokio::spawn(async move { c.try_get("/slow", &[("x-user-id", "alice")]).await });
@@ -211,6 +216,15 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() {
     // New clients are refused outright (the listening socket is closed), not left
     // waiting in its backlog until the process exits — here, while the 1.5 s request is
     // still in flight.
+    // The admin listener stays to watch the drain, and /readyz says the gateway is not
+    // ready any more (a load balancer stops sending it new connections).
+    let admin = gw.admin_addr.unwrap();
+    let r = get(admin, "/readyz", &[]).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(
+        (r.json()["ready"].as_bool(), r.json()["draining"].as_bool()),
+        (Some(false), Some(true))
+    );
     let end = Instant::now() + Duration::from_millis(500);
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
         assert!(

@@ -71,17 +71,27 @@ pub(super) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready while a table is serving (always, once started); the store's state is reported
-/// beside it: a degraded store does not make the gateway unready, it keeps serving.
-pub(super) async fn readyz(State(s): State<Arc<Shared>>) -> Json<Value> {
+/// Ready while a table is serving (always, once started) until the gateway drains (503:
+/// load balancers stop sending new connections); the store's state is reported beside it:
+/// a degraded store does not make the gateway unready, it keeps serving.
+pub(super) async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {
     let status = s.control.status();
     let d = s.control.desired();
-    Json(json!({
-        "ready": true,
-        "table_version": s.table.load().version(),
-        "source": d.source,
-        "store": &*status,
-    }))
+    let draining = s.draining.load(std::sync::atomic::Ordering::Acquire);
+    (
+        if draining {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        },
+        Json(json!({
+            "ready": !draining,
+            "draining": draining,
+            "table_version": s.table.load().version(),
+            "source": d.source,
+            "store": &*status,
+        })),
+    )
 }
 
 fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) -> Value {
