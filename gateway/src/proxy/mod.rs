@@ -106,32 +106,52 @@ impl Worker {
         now: u64,
         tried: u64,
     ) -> Option<usize> {
-        let mut st = self.per_version(table);
-        let wrr = st.per_cell.get_mut(usize::from(cell))?;
-        table.pick_instance(cell, tag, wrr, now, tried)
+        match self.per_version(table) {
+            Some(mut st) => {
+                let wrr = st.per_cell.get_mut(usize::from(cell))?;
+                table.pick_instance(cell, tag, wrr, now, tried)
+            }
+            // A retry still on an older table: positions of its own.
+            None => table.pick_instance(cell, tag, &mut SmoothWrr::default(), now, tried),
+        }
     }
 
     /// This worker's per-table-version state (WRR positions, metric series by cell index),
-    /// rebuilt when the table version changes.
-    fn per_version(&self, table: &RoutingTable) -> std::cell::RefMut<'_, WrrState> {
+    /// rebuilt when a newer table (or the one serving now) comes by. `None` for a request
+    /// still on an older table: resetting for it would set every position back to the
+    /// start, and back again for the next request on the new table, for as long as old
+    /// requests finish (each pick then starting from nothing, on the first instance).
+    fn per_version(&self, table: &RoutingTable) -> Option<std::cell::RefMut<'_, WrrState>> {
         let mut st = self.wrr.borrow_mut();
-        if st.version != table.version() || st.per_cell.len() != table.cells().len() {
-            st.version = table.version();
-            st.per_cell.clear();
-            st.per_cell
-                .resize_with(table.cells().len(), SmoothWrr::default);
-            st.metrics = table
-                .cells()
-                .iter()
-                .map(|c| self.shared.metrics.cell(&c.id))
-                .collect();
+        if st.version == table.version() && st.per_cell.len() == table.cells().len() {
+            return Some(st);
         }
-        st
+        if table.version() <= st.version && self.shared.table.load().version() != table.version() {
+            return None;
+        }
+        st.version = table.version();
+        st.per_cell.clear();
+        st.per_cell
+            .resize_with(table.cells().len(), SmoothWrr::default);
+        st.metrics = table
+            .cells()
+            .iter()
+            .map(|c| self.shared.metrics.cell(&c.id))
+            .collect();
+        Some(st)
     }
 
     /// Phase *outcome*, metrics: count the request under its serving cell.
     fn observe(&self, table: &RoutingTable, cell: Option<u16>, status: u16, us: u64, now: u64) {
-        let st = self.per_version(table);
+        let Some(st) = self.per_version(table) else {
+            // A request that began on an older table: its cell by name (cell indexes
+            // differ between versions).
+            match cell.and_then(|c| table.cell(c)) {
+                Some(c) => self.shared.metrics.cell(&c.id).record(status, us, now),
+                None => self.shared.metrics.no_cell.record(status, us, now),
+            }
+            return;
+        };
         match cell.and_then(|c| st.metrics.get(usize::from(c))) {
             Some(m) => m.record(status, us, now),
             None => self.shared.metrics.no_cell.record(status, us, now),
@@ -910,5 +930,42 @@ fn brief(e: &hyper::Error) -> &'static str {
         "connection closed"
     } else {
         "connection error"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_on_an_older_table_does_not_reset_the_current_round_robin() {
+        let yaml = "regions: [r1]
+cells:
+  - id: a
+    region: r1
+    instances:
+      - { name: a-1, addr: \"127.0.0.1:9\" }
+      - { name: a-2, addr: \"127.0.0.1:10\" }
+";
+        let cfg = cellgate_config::Config::from_yaml(yaml).unwrap();
+        let dir = std::env::temp_dir().join(format!("cellgate-wrr-{}", std::process::id()));
+        let shared = crate::control::standalone(cfg.clone(), &dir).unwrap();
+        let old = shared.table.load_full();
+        let v = old.version() + 1;
+        shared
+            .table
+            .store(Arc::new(cfg.build_table(v, &shared.health).unwrap()));
+        let new = shared.table.load_full();
+        let worker = Worker::new(Arc::clone(&shared), 8);
+        let now = cellgate_health::now_ms();
+        let mut picks = Vec::new();
+        for _ in 0..6 {
+            picks.push(worker.pick(&new, 0, None, now, 0).unwrap());
+            // A request that began on the old table finishes in between.
+            worker.observe(&old, Some(0), 200, 100, now);
+        }
+        assert_eq!(picks, [0, 1, 0, 1, 0, 1], "equal weights alternate");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
