@@ -149,3 +149,49 @@ async fn grpc_clients_get_a_grpc_status_when_no_cell_serves() {
         "grpc status from the gateway: {err}"
     );
 }
+
+/// `n` calls of `method` with `key`: the status code of each.
+fn grpc_calls(gateway: SocketAddr, key: &str, method: &str, n: u32) -> Vec<String> {
+    let out = Command::new("python3")
+        .args([
+            SCRIPT,
+            "call",
+            "--target",
+            &gateway.to_string(),
+            "--key",
+            key,
+        ])
+        .args(["--method", method, "--n", &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// gRPC failures come with HTTP 200: UNAVAILABLE from an instance counts against its
+/// health (five in a row eject it), NOT_FOUND (the caller's business) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_counts_against_the_instance_and_not_found_does_not() {
+    let server = grpc_server("g-1");
+    let yaml = config_yaml(&[cell("g-1", "r1", &[], &[("g-1-a", server.addr)])], "");
+    let dir = TempDir::new("grpc-health");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let codes = grpc_calls(gw.addr, "alice", "Fail", 8);
+    assert!(codes.iter().all(|c| c == "NOT_FOUND"), "{codes:?}");
+    assert!(
+        !gw.logs_contain("instance ejected"),
+        "ejected for NOT_FOUND"
+    );
+    let codes = grpc_calls(gw.addr, "alice", "Unavailable", 5);
+    assert!(codes.iter().all(|c| c == "UNAVAILABLE"), "{codes:?}");
+    assert!(
+        gw.wait_log("instance ejected", std::time::Duration::from_secs(5))
+            .await,
+        "five UNAVAILABLE answers did not count"
+    );
+}

@@ -731,7 +731,7 @@ async fn proxy(
                     cell,
                     inst,
                     now,
-                    if status >= 500 {
+                    if status >= 500 || (grpc && grpc_failed(&res)) {
                         Outcome::Status5xx
                     } else {
                         Outcome::Success
@@ -827,6 +827,16 @@ async fn proxy(
             Some(cell_idx),
         ),
     )
+}
+
+/// A gRPC answer that is a server-side failure in its head (a trailers-only answer):
+/// `grpc-status` INTERNAL (13) or UNAVAILABLE (14), whatever its HTTP status (gRPC errors
+/// come with 200). Other codes are the caller's business (not found, invalid argument, its
+/// own deadline...). A status that comes in trailers after a body is not looked at here.
+fn grpc_failed(res: &Response<hyper::body::Incoming>) -> bool {
+    res.headers()
+        .get("grpc-status")
+        .is_some_and(|v| matches!(v.as_bytes(), b"13" | b"14"))
 }
 
 /// An upstream's answer on its way to the client.

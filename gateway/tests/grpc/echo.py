@@ -4,6 +4,8 @@
   echo.py serve --cell <id>        serve cellgate.test.Echo on a free loopback port; prints the port
   echo.py call --target <addr> --key <k>
                                    call Unary, Stream and Fail through <addr>; prints JSON results
+  echo.py call --target <addr> --key <k> --method <M> --n <n>
+                                   call method M (Unary, Fail, Unavailable) n times; prints the codes
 
 Messages are raw bytes (JSON text), so no protobuf schema is needed.
 """
@@ -37,7 +39,11 @@ def serve(cell):
         ctx.set_trailing_metadata((("x-fail-detail", "missing-" + cell),))
         ctx.abort(grpc.StatusCode.NOT_FOUND, "no such order in " + cell)
 
+    def unavailable(req, ctx):
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "overloaded " + cell)
+
     handler = grpc.method_handlers_generic_handler(SERVICE, {
+        "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
@@ -72,6 +78,20 @@ def call(target, key):
     print(json.dumps(out), flush=True)
 
 
+def call_n(target, key, method, n):
+    md = (("x-user-id", key),)
+    codes = []
+    with grpc.insecure_channel(target) as ch:
+        m = ch.unary_unary("/%s/%s" % (SERVICE, method))
+        for _ in range(n):
+            try:
+                m(b"x", metadata=md, timeout=10)
+                codes.append("OK")
+            except grpc.RpcError as e:
+                codes.append(e.code().name)
+    print(json.dumps(codes), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -80,9 +100,13 @@ def main():
     c = sub.add_parser("call")
     c.add_argument("--target", required=True)
     c.add_argument("--key", required=True)
+    c.add_argument("--method")
+    c.add_argument("--n", type=int, default=1)
     a = p.parse_args()
     if a.cmd == "serve":
         serve(a.cell)
+    elif a.method:
+        call_n(a.target, a.key, a.method, a.n)
     else:
         call(a.target, a.key)
 
