@@ -410,3 +410,98 @@ async fn a_client_that_goes_away_is_no_longer_counted_in_flight() {
         }
     }
 }
+
+/// An answer still streaming counts in flight until its body ends (what a drain reports
+/// and operators wait on before stopping a cell), not only until its head arrived; a
+/// client that goes away mid-body is not counted any more either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_still_streaming_is_counted_in_flight_until_it_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Head and half the body at once, the rest `pause` later.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n0123456789")
+                            .await;
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                        if s.write_all(b"abcdefghij").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up)])],
+        "admin: { token: t0k }\n",
+    );
+    let dir = TempDir::new("streaming-in-flight");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let admin = gw.admin_addr.expect("admin listener").to_string();
+    let cell_in_flight = || async {
+        let v = cellgate::ctl::call(
+            &admin,
+            Some("t0k"),
+            http::Method::GET,
+            "/admin/cells/a",
+            None,
+        )
+        .await
+        .expect("GET /admin/cells/a");
+        (
+            v["in_flight"].as_i64(),
+            v["instances"][0]["in_flight"].as_i64(),
+        )
+    };
+    let wait_for = |want: (Option<i64>, Option<i64>), what: &'static str| async move {
+        let end = Instant::now() + Duration::from_secs(3);
+        loop {
+            let now = cell_in_flight().await;
+            if now == want {
+                return;
+            }
+            assert!(Instant::now() < end, "{what}: {now:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    for finish in [true, false] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET /s HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\n\r\n")
+            .await
+            .unwrap();
+        // The head and the first half are here: the answer is still streaming.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !got.ends_with(b"0123456789") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(cell_in_flight().await, (Some(1), Some(1)), "mid-body");
+        if finish {
+            while !got.ends_with(b"abcdefghij") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            wait_for((Some(0), Some(0)), "still counted after the body ended").await;
+        } else {
+            drop(s);
+            wait_for((Some(0), Some(0)), "still counted after the client left").await;
+        }
+    }
+}

@@ -4,6 +4,7 @@
 //! gateway made.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -17,9 +18,9 @@ use super::send::Lease;
 pub enum ProxyBody {
     /// Streamed from the other side.
     Stream(Incoming),
-    /// An upstream response body on a pooled HTTP/1.1 connection, returned to the pool when
-    /// the body ends.
-    Upstream(Incoming, Option<Lease>),
+    /// An upstream response body (on a pooled HTTP/1.1 connection, returned to the pool
+    /// when the body ends), counted in flight until then.
+    Upstream(Incoming, Option<Lease>, Option<Streaming>),
     /// A client's request body, counted against the body limit.
     Request(RequestBody),
     /// Made by the gateway (errors); `None` once sent.
@@ -36,21 +37,52 @@ impl ProxyBody {
         Self::Full(None)
     }
 
-    /// An upstream response body; an already finished one gives its connection back now.
-    pub fn upstream(body: Incoming, lease: Option<Lease>) -> Self {
-        match lease {
-            Some(l) if body.is_end_stream() => {
+    /// An upstream response body; an already finished one gives its connection back and
+    /// leaves the in-flight gauges now.
+    pub fn upstream(body: Incoming, lease: Option<Lease>, counted: Option<Streaming>) -> Self {
+        if body.is_end_stream() {
+            if let Some(l) = lease {
                 l.give_back();
-                Self::Upstream(body, None)
             }
-            lease => Self::Upstream(body, lease),
+            drop(counted);
+            return Self::Upstream(body, None, None);
         }
+        Self::Upstream(body, lease, counted)
+    }
+}
+
+/// An answer's place in its instance's and its cell's in-flight gauges while its body
+/// streams: a drain's in-flight count reaches 0 only once the answers have ended, not when
+/// their heads arrived (downloads, server-sent events and gRPC streams are still going).
+#[derive(Debug)]
+pub struct Streaming {
+    inst: Arc<cellgate_health::InstanceHealth>,
+    cell: Arc<cellgate_health::CellHealth>,
+}
+
+impl Streaming {
+    /// Take over one in-flight count already held on `inst` and `cell`.
+    pub fn take_over(
+        inst: &Arc<cellgate_health::InstanceHealth>,
+        cell: &Arc<cellgate_health::CellHealth>,
+    ) -> Self {
+        Self {
+            inst: Arc::clone(inst),
+            cell: Arc::clone(cell),
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.inst.add_in_flight(-1);
+        self.cell.add_in_flight(-1);
     }
 }
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if let Self::Upstream(body, lease) = self {
+        if let Self::Upstream(body, lease, _) = self {
             if body.is_end_stream() {
                 if let Some(l) = lease.take() {
                     l.give_back();
@@ -74,7 +106,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Stream(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Self::Request(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
-            Self::Upstream(b, lease) => {
+            Self::Upstream(b, lease, counted) => {
                 let r = Pin::new(&mut *b).poll_frame(cx);
                 let done = matches!(r, Poll::Ready(None))
                     || (matches!(r, Poll::Ready(Some(Ok(_)))) && b.is_end_stream());
@@ -82,6 +114,7 @@ impl Body for ProxyBody {
                     if let Some(l) = lease.take() {
                         l.give_back();
                     }
+                    *counted = None;
                 }
                 r.map_err(BodyError::from)
             }
@@ -95,7 +128,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Stream(b) | Self::Upstream(b, _) => b.is_end_stream(),
+            Self::Stream(b) | Self::Upstream(b, _, _) => b.is_end_stream(),
             Self::Request(b) => b.is_end_stream(),
             Self::Full(b) => b.as_ref().is_none_or(|b| b.is_empty()),
         }
@@ -103,7 +136,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Stream(b) | Self::Upstream(b, _) => b.size_hint(),
+            Self::Stream(b) | Self::Upstream(b, _, _) => b.size_hint(),
             Self::Request(b) => b.size_hint(),
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }

@@ -393,6 +393,13 @@ impl<'a> AttemptInFlight<'a> {
         cell.health.add_in_flight(1);
         Self { inst, cell }
     }
+
+    /// The count handed on to the answer's body, counted down when the body ends.
+    fn streaming(self) -> body::Streaming {
+        let s = body::Streaming::take_over(&self.inst.health, &self.cell.health);
+        std::mem::forget(self);
+        s
+    }
 }
 
 impl Drop for AttemptInFlight<'_> {
@@ -699,7 +706,8 @@ async fn proxy(
             upstream_tls.get(&cell.id),
         ));
         let outcome = tokio::time::timeout_at(deadline, attempt).await;
-        drop(attempt_in_flight);
+        // Still counted while this iteration decides; handed on to the answer's body when
+        // it is the answer, else counted down when the iteration ends.
         let done_at = Instant::now();
         let latency_us = done_at.saturating_duration_since(at).as_micros() as u64;
         let now = now + latency_us / 1000;
@@ -761,7 +769,8 @@ async fn proxy(
                     }
                 }
                 drop(held);
-                return Ok(answer(res, lease, cell, cell_idx, request_id));
+                let counted = Some(attempt_in_flight.streaming());
+                return Ok(answer(res, lease, counted, cell, cell_idx, request_id));
             }
             Err(AttemptError::Connect(e, back)) => {
                 let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -853,6 +862,7 @@ struct Held<'a> {
 fn answer(
     mut res: Response<hyper::body::Incoming>,
     lease: Option<send::Lease>,
+    counted: Option<body::Streaming>,
     cell: &cellgate_routing::Cell,
     cell_idx: cellgate_routing::CellIdx,
     request_id: &HeaderValue,
@@ -861,7 +871,10 @@ fn answer(
     let h = res.headers_mut();
     h.insert(X_CELL_ID, cell.id_header.clone());
     h.insert(X_REQUEST_ID, ids::unindexed(request_id));
-    (res.map(|b| ProxyBody::upstream(b, lease)), cell_idx)
+    (
+        res.map(|b| ProxyBody::upstream(b, lease, counted)),
+        cell_idx,
+    )
 }
 
 /// The end of a request's attempts: the held retryable answer if there is one (a retry
@@ -872,7 +885,7 @@ fn give_up(
     err: Failed,
 ) -> Result<(Response<ProxyBody>, cellgate_routing::CellIdx), Failed> {
     match held {
-        Some(h) => Ok(answer(h.res, h.lease, h.cell, h.cell_idx, request_id)),
+        Some(h) => Ok(answer(h.res, h.lease, None, h.cell, h.cell_idx, request_id)),
         None => Err(err),
     }
 }
