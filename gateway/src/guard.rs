@@ -157,7 +157,7 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
             self.proxy.count_unrouted(e.status().as_u16());
             let res = e.into_response(&request_id, grpc);
             return GuardFuture {
-                state: State::Ready(Some(res)),
+                state: State::Ready(Some(Box::new(res))),
                 inflight: Some(inflight),
                 h1,
             };
@@ -183,7 +183,8 @@ impl Drop for InFlight {
 }
 
 enum State {
-    Ready(Option<Response<ProxyBody>>),
+    /// A refusal (boxed: rare, and it keeps every request's future small).
+    Ready(Option<Box<Response<ProxyBody>>>),
     Proxy(ProxyFuture),
 }
 
@@ -208,7 +209,7 @@ impl Future for GuardFuture {
         let refused = matches!(this.state, State::Ready(_));
         let mut res = match &mut this.state {
             State::Ready(r) => match r.take() {
-                Some(r) => r,
+                Some(r) => *r,
                 None => Response::new(ProxyBody::empty()),
             },
             State::Proxy(f) => match ready!(f.as_mut().poll(cx)) {
