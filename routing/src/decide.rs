@@ -197,6 +197,7 @@ impl RoutingTable {
             .or(default_region);
         let now = input.now_ms;
         let pick = |in_region: &dyn Fn(u16) -> bool| -> Option<CellIdx> {
+            // By the dynamic weights (§3), as keyed traffic's failover walk.
             let eligible = |i: usize, c: &crate::table::Cell| {
                 in_region(c.region_idx)
                     && c.weight > 0
@@ -207,7 +208,7 @@ impl RoutingTable {
                 .iter()
                 .enumerate()
                 .filter(|(i, c)| eligible(*i, c))
-                .map(|(_, c)| u64::from(c.weight))
+                .map(|(_, c)| c.dynamic_weight())
                 .sum();
             if total == 0 {
                 return None;
@@ -215,7 +216,7 @@ impl RoutingTable {
             let mut point = input.spread % total;
             for (i, c) in self.cells.iter().enumerate() {
                 if eligible(i, c) {
-                    let w = u64::from(c.weight);
+                    let w = c.dynamic_weight();
                     if point < w {
                         return Some(i as CellIdx);
                     }

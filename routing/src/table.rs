@@ -182,6 +182,19 @@ impl Cell {
         self.health.breaker_allows(now, p)
             && self.instances.iter().any(|i| i.health.is_available(now, p))
     }
+
+    /// The cell's weight among cells (keyless traffic): its base weight scaled by the
+    /// share of its instances' base weight that health and RTT leave them (their published
+    /// effective weights), in hundredths. A cell with one of ten equal instances up gets
+    /// about a tenth of its share; 0 when none has weight.
+    pub fn dynamic_weight(&self) -> u64 {
+        let base: u64 = self.instances.iter().map(|i| u64::from(i.weight)).sum();
+        if base == 0 {
+            return 0;
+        }
+        let effective: u64 = self.instances.iter().map(|i| u64::from(i.effective)).sum();
+        u64::from(self.weight).saturating_mul(effective) / base
+    }
 }
 
 /// An immutable routing snapshot. See the module docs.

@@ -250,6 +250,48 @@ fn keyless_requests_use_the_hinted_region_then_others_or_are_rejected() {
         .is_err());
 }
 
+/// Keyless traffic follows the dynamic weights: a cell whose instances health scored down
+/// gets that much less of it.
+#[test]
+fn keyless_requests_follow_the_dynamic_weights() {
+    let health = HealthRegistry::new();
+    let t = TableBuilder::new(1, 16384)
+        .region("r1")
+        .cell(spec("c0", "r1", CellState::Active, &[]))
+        .cell(spec("c1", "r1", CellState::Active, &[]))
+        .build(&health)
+        .unwrap();
+    let share_of_c0 = |t: &RoutingTable| {
+        let n = 10_000u64;
+        let on_c0 = (0..n)
+            .filter(|&i| {
+                t.decide(&RouteInput {
+                    region_hint: Some("r1"),
+                    spread: i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11,
+                    now_ms: 1,
+                    ..Default::default()
+                })
+                .unwrap()
+                .cell
+                    == 0
+            })
+            .count() as f64;
+        on_c0 / n as f64
+    };
+    let even = share_of_c0(&t);
+    assert!((even - 0.5).abs() < 0.03, "equal cells: {even}");
+    // c1's instances at a quarter of their weight (scored down): c0 gets 4 of 5 requests.
+    let scored = t.with_weights(|c, i| {
+        if &*c.id == "c1" {
+            i.weight * 25
+        } else {
+            i.weight * 100
+        }
+    });
+    let skewed = share_of_c0(&scored);
+    assert!((skewed - 0.8).abs() < 0.03, "c1 scored down: {skewed}");
+}
+
 fn state_of(i: u8) -> CellState {
     [
         CellState::Active,
