@@ -45,6 +45,49 @@ async fn refusing_instances_fail_over_within_a_second_with_no_failed_request_and
     let refused_at = Instant::now();
     fault(a1.addr, r#"{"refuse_for_s": 4}"#).await;
     fault(a2.addr, r#"{"refuse_for_s": 4}"#).await;
+    assert!(
+        gw.wait_log("cell failed over", Duration::from_secs(3))
+            .await
+    );
+    // While health holds it: the table shows it failed over (configured active), and a
+    // restore says health holds it instead of answering "applied: false" and nothing else.
+    let admin = gw.admin_addr.unwrap().to_string();
+    let t = cellgate::ctl::call(
+        &admin,
+        Some("t0ken"),
+        http::Method::GET,
+        "/admin/table",
+        None,
+    )
+    .await
+    .unwrap();
+    let a = t["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (a["state"].as_str(), a["configured_state"].as_str()),
+        (Some("failed_over"), Some("active")),
+        "{a}"
+    );
+    match cellgate::ctl::call(
+        &admin,
+        Some("t0ken"),
+        http::Method::POST,
+        "/admin/cells/a/restore",
+        None,
+    )
+    .await
+    {
+        Err(cellgate::ctl::CtlError::Status { status, message }) => {
+            assert_eq!(status, http::StatusCode::CONFLICT);
+            assert!(message.contains("failed over by health"), "{message}");
+        }
+        other => panic!("restore of a cell health holds: {other:?}"),
+    }
     // Keys go home again after the instances return and the dwell time has passed.
     let home_again = load
         .wait_for(Duration::from_secs(20), |s| {

@@ -82,9 +82,8 @@ impl From<ControlError> for AppError {
             ControlError::Mutate(MutateError::UnknownCell { .. }) => Self::NotFound(e.to_string()),
             ControlError::Mutate(_) | ControlError::Build(_) => Self::BadRequest(e.to_string()),
             ControlError::Cap { .. } => Self::OverCap(e.to_string()),
-            ControlError::Store(StoreError::Conflict { .. } | StoreError::LockBusy { .. }) => {
-                Self::Conflict(e.to_string())
-            }
+            ControlError::Store(StoreError::Conflict { .. } | StoreError::LockBusy { .. })
+            | ControlError::HeldByHealth { .. } => Self::Conflict(e.to_string()),
             ControlError::Store(StoreError::Refused(_)) => Self::BadRequest(e.to_string()),
             ControlError::Store(_) | ControlError::Audit(_) | ControlError::NotFromStore(_) => {
                 Self::Unavailable(e.to_string())

@@ -388,6 +388,15 @@ pub enum ControlError {
     /// be a stray document the fleet refuses, so none is written.
     #[error("the routing in effect comes from {0}, not from etcd: admin changes need the configuration in the store (cellgate config push) and a gateway that has loaded it; nothing was changed")]
     NotFromStore(&'static str),
+    /// A restore of a cell that only health holds failed over: there is no configured
+    /// state to undo, and the cell returns by itself.
+    #[error("cell {cell} is failed over by health ({reason}), not by an admin change; it returns on its own once healthy again (probes pass and its dwell time is over); nothing was changed")]
+    HeldByHealth {
+        /// The cell.
+        cell: String,
+        /// Why health failed it over.
+        reason: String,
+    },
     /// A background task failed.
     #[error("internal: {0}")]
     Internal(String),
@@ -924,6 +933,17 @@ pub async fn mutate(
     }
     let changes = changed_documents(&desired.config, &after_cfg, desired.slots_version)
         .map_err(ControlError::Build)?;
+    if let (Mutation::Restore { cell }, true) = (&req.mutation, changes.is_empty()) {
+        let table = shared.table.load();
+        if let Some(c) = table.cell_idx(cell).and_then(|i| table.cell(i)) {
+            if c.health.is_failed_over() {
+                return Err(ControlError::HeldByHealth {
+                    cell: cell.clone(),
+                    reason: c.health.failover_reason(),
+                });
+            }
+        }
+    }
     let mut rec = AuditRecord::new(req.actor.clone(), req.mutation.action());
     rec.target = req.mutation.cell().map(str::to_owned);
     rec.request = req.request.clone();
