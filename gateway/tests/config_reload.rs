@@ -255,3 +255,59 @@ async fn an_edit_of_the_slot_count_is_rejected_and_keys_stay() {
         assert_eq!(r.echoed("x-routing-version").as_deref(), Some(v.as_str()));
     }
 }
+
+/// A file without a `slots` section: adding a cell (here at the front, which also
+/// reorders the even split) moves no key, on the reload and after a restart; the new cell
+/// gets slots only by an explicit move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_cell_to_a_file_without_slots_moves_no_key() {
+    let ups = [
+        upstream("a", "a-1"),
+        upstream("b", "b-1"),
+        upstream("n", "n-1"),
+    ];
+    let a = || cell("a", "r1", &[], &[("a-1", ups[0].addr)]);
+    let b = || cell("b", "r1", &[], &[("b-1", ups[1].addr)]);
+    let n = cell("n", "r1", &[], &[("n-1", ups[2].addr)]);
+    let two = config_yaml(&[a(), b()], "admin: { token: t0k }\n");
+    let three = config_yaml(&[n, a(), b()], "admin: { token: t0k }\n");
+    let dir = TempDir::new("add-cell");
+    let path = dir.path("c.yaml");
+    write_atomic(&path, &two);
+    let before = table_of(&two);
+    let keys: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let home = |k: &str| before.explain(k, 1).unwrap().home_cell;
+    let check = |gw: &Gateway, what: &'static str| {
+        let addr = gw.addr;
+        let keys = keys.clone();
+        let want: Vec<String> = keys.iter().map(|k| home(k)).collect();
+        async move {
+            let mut c = H1::connect(addr).await;
+            for (k, w) in keys.iter().zip(&want) {
+                let r = c.get("/", &[("x-user-id", k)]).await;
+                assert_eq!(r.header("x-cell-id"), Some(w.as_str()), "{what}: key {k}");
+            }
+        }
+    };
+    {
+        let gw = Gateway::start(&path);
+        check(&gw, "before").await;
+        write_atomic(&path, &three);
+        let mut c = H1::connect(gw.addr).await;
+        wait_version(&mut c, "user-0", 2).await;
+        check(&gw, "after adding a cell").await;
+        assert!(gw.logs_contain("every slot stays with its cell"));
+        let t = cellgate::ctl::call(
+            &gw.admin_addr.unwrap().to_string(),
+            Some("t0k"),
+            http::Method::GET,
+            "/admin/table",
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(t["slots_per_cell"]["n"].as_u64().unwrap_or(0) == 0, "{t}");
+    }
+    let gw = Gateway::start(&path);
+    check(&gw, "after a restart").await;
+}

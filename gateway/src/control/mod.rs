@@ -836,9 +836,11 @@ pub async fn apply_file(shared: &Arc<Shared>, file: Config) -> Result<u64, Strin
         return Err("the configuration comes from etcd; file changes are not applied".into());
     };
     let _g = c.changes.lock().await;
-    let overlay = AdminOverlay::load(overlay_path).map_err(|e| e.to_string())?;
+    let mut overlay = AdminOverlay::load(overlay_path).map_err(|e| e.to_string())?;
+    let pinned = pin_implicit_slots(&c.desired().config, &file, &mut overlay);
     let file2 = file.clone();
-    let merged = tokio::task::spawn_blocking(move || overlay.apply(&file2))
+    let overlay2 = overlay.clone();
+    let merged = tokio::task::spawn_blocking(move || overlay2.apply(&file2))
         .await
         .map_err(|e| e.to_string())?;
     let result = match merged {
@@ -852,6 +854,20 @@ pub async fn apply_file(shared: &Arc<Shared>, file: Config) -> Result<u64, Strin
     };
     match result {
         Ok(v) => {
+            if let Some(kept) = pinned {
+                // Kept in the admin overlay like an admin slot move, so a restart keeps
+                // the owners too.
+                match overlay.save(overlay_path) {
+                    Ok(()) => tracing::warn!(
+                        slots_kept = kept,
+                        "the configuration has no slots section and its cells changed: every slot stays with its cell (adding a cell moves none); the slot table is now kept in the admin overlay (move slots with the admin API)"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "cannot save the slot table kept for the changed cells; a restart would split the slots anew"
+                    ),
+                }
+            }
             file_cfg.store(Arc::new(file));
             c.set_status(|s| s.rejected = None);
             Ok(v)
@@ -868,6 +884,44 @@ pub async fn apply_file(shared: &Arc<Shared>, file: Config) -> Result<u64, Strin
             Err(reason)
         }
     }
+}
+
+/// A file without a `slots` section splits the slots evenly in cell order, so adding,
+/// removing or reordering cells would move most keys (SPEC §4: adding a cell moves none).
+/// When the configuration serving now had that implicit split too (no overlay slot table)
+/// and the new file's would differ, every slot whose cell is still there stays with it and
+/// only the slots of removed cells take the new split's owner: the result is set as
+/// `overlay.slots`. Returns how many slots were kept from moving.
+fn pin_implicit_slots(prev: &Config, file: &Config, overlay: &mut AdminOverlay) -> Option<usize> {
+    use cellgate_config::mutate::{slot_assignments, slot_owners};
+    if overlay.slots.is_some()
+        || !file.slots.is_empty()
+        || !prev.slots.is_empty()
+        || prev.routing.slot_count != file.routing.slot_count
+    {
+        return None;
+    }
+    let (old, new) = (slot_owners(prev).ok()?, slot_owners(file).ok()?);
+    let mut kept = 0;
+    let owners: Vec<usize> = old
+        .iter()
+        .zip(&new)
+        .map(|(&o, &n)| {
+            let id = &prev.cells.get(o)?.id;
+            let i = file.cells.iter().position(|c| &c.id == id)?;
+            if i != n {
+                kept += 1;
+            }
+            Some(i)
+        })
+        .zip(&new)
+        .map(|(kept_owner, &n)| kept_owner.unwrap_or(n))
+        .collect();
+    if kept == 0 {
+        return None;
+    }
+    overlay.slots = Some(slot_assignments(&file.cells, &owners));
+    Some(kept)
 }
 
 fn next_version(shared: &Shared) -> u64 {
