@@ -287,9 +287,11 @@ fn evaluate_guards(table: &RoutingTable, now: u64) -> Vec<(String, String)> {
             [0u64; LATENCY_BINS_MS.len() + 1],
             [0u64; LATENCY_BINS_MS.len() + 1],
         );
-        // Instances tagged / untagged, and how many of each are ejected now. Ejection wipes
-        // an instance's outcome window, so a canary failing hard enough to be ejected
-        // never reaches the guard's request count: its ejection is the signal.
+        // Instances tagged / untagged, and how many of each are ejected now for their
+        // answers. Ejection wipes an instance's outcome window, so a canary failing hard
+        // enough to be ejected never reaches the guard's request count: its ejection is the
+        // signal. One ejected for being unreachable (a canary restarting refuses
+        // connections; retries take those requests elsewhere) hurts no user's answers.
         let (mut n_tagged, mut n_untagged, mut ej_tagged, mut ej_untagged) =
             (0u32, 0u32, 0u32, 0u32);
         for cell in table.cells() {
@@ -302,7 +304,7 @@ fn evaluate_guards(table: &RoutingTable, now: u64) -> Vec<(String, String)> {
             }
             for inst in &cell.instances {
                 let c = inst.health.window_counts(now);
-                let ejected = u32::from(inst.health.is_ejected(now));
+                let ejected = u32::from(inst.health.is_ejected_for_answers(now));
                 match inst.gray.as_deref() {
                     Some(t) if t == &*rule.tag => {
                         n_tagged += 1;

@@ -223,6 +223,33 @@ async fn a_canary_failing_every_request_is_switched_off_by_its_guard() {
     );
 }
 
+/// A canary that restarts (refuses connections for a moment) is ejected while it is
+/// down, but that says nothing about its answers: the rule stays on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_restarts_keeps_its_rule() {
+    let (_a1, a2, yaml) = canary_cell(
+        "admin:\n  token: t0ken\ngray:\n  - { name: canary-all, tag: canary, percent: 50, guard: { max_error_delta: 0.02, min_requests: 50 } }\n",
+    );
+    let dir = TempDir::new("guard-restart");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let keys = tagged_keys(&yaml, 20);
+    fault(a2.addr, r#"{"refuse_for_s": 1}"#).await;
+    let load = Load::start(gw.addr, keys, 2, Duration::from_secs(20), &[]);
+    assert!(
+        gw.wait_log("instance ejected", Duration::from_secs(5))
+            .await,
+        "the refusing canary was not ejected"
+    );
+    // Several guard evaluations (every controller tick) while it is ejected and after.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = load.stop().await;
+    assert!(
+        !gw.logs_contain("gray rule switched off by its guard"),
+        "a restart switched the rule off"
+    );
+}
+
 /// The audit record of a gray rule switched off by its guard (written just after the log
 /// line), waited for within 2 s.
 async fn switch_off_audited(gw: &Gateway) -> serde_json::Value {

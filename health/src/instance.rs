@@ -64,6 +64,8 @@ pub struct InstanceHealth {
     requests: AtomicU64,
     failures: AtomicU64,
     in_flight: AtomicI64,
+    /// The last ejection was for its answers (5xx, timeouts), not for being unreachable.
+    ejected_for_answers: AtomicBool,
 }
 
 impl Default for InstanceHealth {
@@ -83,6 +85,7 @@ impl Default for InstanceHealth {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
+            ejected_for_answers: AtomicBool::new(false),
         }
     }
 }
@@ -149,6 +152,10 @@ impl InstanceHealth {
                     < (o.max_ejected_fraction * cell_size as f64).floor().max(1.0);
             if cap_ok {
                 self.eject(now, o);
+                self.ejected_for_answers.store(
+                    matches!(outcome, Outcome::Status5xx | Outcome::Timeout),
+                    Ordering::Relaxed,
+                );
                 ejected = true;
             }
         }
@@ -171,6 +178,12 @@ impl InstanceHealth {
     /// Whether the instance is ejected at `now`.
     pub fn is_ejected(&self, now: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
+
+    /// Whether the instance is ejected at `now` for what it answered (5xx, timeouts), not
+    /// for being unreachable (refused or failed connections: down, or restarting).
+    pub fn is_ejected_for_answers(&self, now: u64) -> bool {
+        self.is_ejected(now) && self.ejected_for_answers.load(Ordering::Relaxed)
     }
 
     /// Milliseconds until which the instance is ejected; 0 if never ejected.
