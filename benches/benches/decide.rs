@@ -49,7 +49,8 @@ fn decide(c: &mut Criterion) {
                         ..Default::default()
                     })
                     .expect("serving");
-                let inst = table.pick_instance(d.cell, None, &mut wrr[usize::from(d.cell)], 1, 0);
+                let inst =
+                    table.pick_instance(d.cell, None, &mut wrr[usize::from(d.cell)], 1, 0, None);
                 black_box((d, inst))
             })
         },

@@ -39,6 +39,7 @@ pub fn big_table(
                 })
                 .collect(),
             protocol: UpstreamProtocol::Auto,
+            balance: Default::default(),
         });
     }
     for o in 0..overrides {

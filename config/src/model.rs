@@ -414,6 +414,10 @@ pub struct CellCfg {
     /// Upstream protocol: `auto` (default; HTTP/1.1, gRPC over h2c), `http1`, `h2c`.
     #[serde(default)]
     pub protocol: cellgate_routing::UpstreamProtocol,
+    /// Instance selection: `round_robin` (default; smooth WRR over the dynamic weights) or
+    /// `key_affinity` (consistent hashing of the routing key over the instances).
+    #[serde(default, skip_serializing_if = "is_round_robin")]
+    pub balance: cellgate_routing::Balance,
     /// Instances.
     pub instances: Vec<InstanceCfg>,
     /// TLS to this cell's instances; plaintext unless given.
@@ -441,6 +445,10 @@ pub struct UpstreamTlsCfg {
 
 fn default_weight() -> u32 {
     100
+}
+
+fn is_round_robin(b: &cellgate_routing::Balance) -> bool {
+    *b == cellgate_routing::Balance::RoundRobin
 }
 
 /// An instance.

@@ -700,6 +700,7 @@ impl Config {
                 failover: c.effective_failover(),
                 instances,
                 protocol: c.protocol,
+                balance: c.balance,
             });
         }
         for (k, s) in self.slots.iter().enumerate() {

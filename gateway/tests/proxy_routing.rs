@@ -719,3 +719,70 @@ async fn forwarded_for_is_replaced_for_untrusted_clients_when_configured() {
         );
     }
 }
+
+/// `balance: key_affinity`: a key keeps its instance of the cell request after request;
+/// keys spread over the instances; when an instance stops answering only its keys move
+/// (to the next instance on the ring), the others stay put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_affinity_keeps_each_key_on_its_instance_and_moves_only_a_lost_instances_keys() {
+    let ups = [
+        upstream("a", "a-1"),
+        upstream("a", "a-2"),
+        upstream("a", "a-3"),
+    ];
+    let yaml = config_yaml(
+        &[cell(
+            "a",
+            "r1",
+            &[],
+            &[
+                ("a-1", ups[0].addr),
+                ("a-2", ups[1].addr),
+                ("a-3", ups[2].addr),
+            ],
+        )],
+        "",
+    )
+    .replace(
+        "    state: active\n",
+        "    state: active\n    balance: key_affinity\n",
+    );
+    let dir = TempDir::new("affinity");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let mut c = H1::connect(gw.addr).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("user-{i}")).collect();
+    let mut home = std::collections::BTreeMap::new();
+    for k in &keys {
+        for round in 0..3 {
+            let r = c.get("/", &[("x-user-id", k)]).await;
+            assert_eq!(r.status, 200);
+            let inst = r.json()["instance"].as_str().unwrap().to_owned();
+            let first = home.entry(k.clone()).or_insert_with(|| inst.clone());
+            assert_eq!(*first, inst, "key {k} moved in round {round}");
+        }
+    }
+    let used: std::collections::BTreeSet<&String> = home.values().collect();
+    assert!(used.len() >= 2, "keys spread over instances: {home:?}");
+    // The instance with the most keys stops answering.
+    let lost = ["a-1", "a-2", "a-3"]
+        .into_iter()
+        .max_by_key(|n| home.values().filter(|v| v == n).count())
+        .unwrap();
+    let idx = ["a-1", "a-2", "a-3"]
+        .iter()
+        .position(|n| *n == lost)
+        .unwrap();
+    fault(ups[idx].addr, r#"{"refuse_for_s": 10}"#).await;
+    wait_refusing(ups[idx].addr).await;
+    for k in &keys {
+        let r = c.get("/", &[("x-user-id", k)]).await;
+        assert_eq!(r.status, 200, "key {k}");
+        let inst = r.json()["instance"].as_str().unwrap().to_owned();
+        if home[k] == lost {
+            assert_ne!(inst, lost, "key {k}");
+        } else {
+            assert_eq!(inst, home[k], "key {k} moved though its instance answers");
+        }
+    }
+}

@@ -255,12 +255,14 @@ impl RoutingTable {
     }
 
     /// Pick an instance of `cell` by smooth WRR over the effective weights published in this
-    /// table, among the available instances whose gray label equals `tag` (or that have
-    /// none, for an untagged request), falling back to the other available instances when
-    /// none matches. Instances whose bit is set in `tried` (bit i = instance i) are skipped.
-    /// When fewer than the panic threshold of the instances are available, passive health
-    /// (ejection, breaker) is ignored for probe-up instances rather than concentrating all
-    /// load on the survivors.
+    /// table (or, for a cell in key-affinity mode and a request with a `key`, the first
+    /// eligible instance on the cell's consistent-hash ring from the key's point), among
+    /// the available instances whose gray label equals `tag` (or that have none, for an
+    /// untagged request), falling back to the other available instances when none matches.
+    /// Instances whose bit is set in `tried` (bit i = instance i) are skipped. When fewer
+    /// than the panic threshold of the instances are available, passive health (ejection,
+    /// breaker) is ignored for probe-up instances rather than concentrating all load on the
+    /// survivors.
     #[inline]
     pub fn pick_instance(
         &self,
@@ -269,8 +271,10 @@ impl RoutingTable {
         wrr: &mut SmoothWrr,
         now: u64,
         tried: u64,
+        key: Option<&[u8]>,
     ) -> Option<usize> {
-        let insts = &self.cells.get(usize::from(cell))?.instances;
+        let c = self.cells.get(usize::from(cell))?;
+        let insts = &c.instances;
         let p = &*self.health;
         let usable = |i: usize| i >= 64 || tried & (1u64 << i) == 0;
         // Availability of each instance, read once (bit i = instance i; instances past the
@@ -315,6 +319,12 @@ impl RoutingTable {
             // A weight not yet published (just recovered) still gets a trickle.
             inst.effective.max(1)
         };
+        if let (Some(ring), Some(key)) = (&c.ring, key) {
+            let n = insts.len();
+            return ring
+                .walk(key, n, |i| weight_of(i, true) > 0)
+                .or_else(|| ring.walk(key, n, |i| weight_of(i, false) > 0));
+        }
         wrr.pick(insts.len(), |i| weight_of(i, true))
             .or_else(|| wrr.pick(insts.len(), |i| weight_of(i, false)))
     }

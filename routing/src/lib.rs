@@ -26,7 +26,7 @@ pub use key::{JwtSource, JwtVerify, KeySource, KeySources, MAX_KEY_LEN};
 pub use overrides::Overrides;
 pub use slot::{slot_of, DEFAULT_SLOT_COUNT};
 pub use table::{
-    AnonymousPolicy, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec,
-    RoutingTable, TableBuilder, Timeouts, UpstreamProtocol,
+    AnonymousPolicy, Balance, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec,
+    KeyRing, RoutingTable, TableBuilder, Timeouts, UpstreamProtocol,
 };
 pub use wrr::SmoothWrr;

@@ -54,6 +54,118 @@ impl CellState {
     }
 }
 
+/// How a request picks an instance of a cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin over the dynamic weights.
+    #[default]
+    RoundRobin,
+    /// Key affinity: the routing key is hashed onto a consistent-hash ring of the cell's
+    /// instances (nginx's `hash ... consistent`, ketama), so a key keeps its instance while
+    /// it is available; an unavailable one's keys go to the next instance on the ring.
+    /// Keyless requests use round robin.
+    KeyAffinity,
+}
+
+/// A cell's consistent-hash ring (key affinity), built once per table.
+pub struct KeyRing {
+    ring: pingora_ketama::Continuum,
+    /// Instances on the ring (weight above 0).
+    on_ring: usize,
+    /// Instance index of each ring address.
+    addrs: Vec<(std::net::SocketAddr, usize)>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("instances", &self.addrs.len())
+            .finish()
+    }
+}
+
+impl KeyRing {
+    /// Points per weight unit are nginx's (160). Weights are divided by their greatest
+    /// common divisor (equal weights become 1 each, as nginx's default `weight=1`, so the
+    /// ring is the one nginx builds for the same servers) and scaled down to at most 10,
+    /// so a ring stays at most 1,600 points per instance whatever the configured weights.
+    fn new(instances: &[Instance]) -> Self {
+        fn gcd(a: u32, b: u32) -> u32 {
+            if b == 0 {
+                a
+            } else {
+                gcd(b, a % b)
+            }
+        }
+        let g = instances.iter().map(|i| i.weight).fold(0, gcd).max(1);
+        let max = instances
+            .iter()
+            .map(|i| i.weight / g)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let buckets: Vec<pingora_ketama::Bucket> = instances
+            .iter()
+            .filter(|i| i.weight > 0)
+            .map(|i| {
+                let w = u64::from(i.weight / g);
+                let w = if max > 10 {
+                    (w * 10).div_ceil(u64::from(max))
+                } else {
+                    w
+                };
+                pingora_ketama::Bucket::new(i.addr, w.clamp(1, 10) as u32)
+            })
+            .collect();
+        Self {
+            on_ring: buckets.len(),
+            ring: pingora_ketama::Continuum::new(&buckets),
+            addrs: instances
+                .iter()
+                .enumerate()
+                .map(|(i, inst)| (inst.addr, i))
+                .collect(),
+        }
+    }
+
+    /// The first instance, in ring order from `key`'s point (each looked at once), that
+    /// `take` accepts.
+    pub(crate) fn walk(
+        &self,
+        key: &[u8],
+        n: usize,
+        mut take: impl FnMut(usize) -> bool,
+    ) -> Option<usize> {
+        let mut seen = 0u64;
+        let mut distinct = 0;
+        // Every instance is on the ring at most 1,600 times: a bound for the walk.
+        for addr in self
+            .ring
+            .node_iter(key)
+            .take(n.saturating_mul(1_600).max(1))
+        {
+            let Some(&(_, i)) = self.addrs.iter().find(|(a, _)| a == addr) else {
+                continue;
+            };
+            if i < 64 {
+                if seen & (1 << i) != 0 {
+                    continue;
+                }
+                seen |= 1 << i;
+            }
+            if take(i) {
+                return Some(i);
+            }
+            distinct += 1;
+            if distinct >= self.on_ring {
+                return None;
+            }
+        }
+        None
+    }
+}
+
 /// How the gateway talks to a cell's instances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -157,6 +269,8 @@ pub struct Cell {
     pub weight: u32,
     /// Upstream protocol.
     pub protocol: UpstreamProtocol,
+    /// The key-affinity ring (`balance: key_affinity`), else round robin.
+    pub ring: Option<Arc<KeyRing>>,
     /// Ordered failover targets.
     pub failover: Vec<CellIdx>,
     /// `X-Cell-ID` header value, computed once.
@@ -369,6 +483,8 @@ pub struct CellSpec {
     pub instances: Vec<InstanceSpec>,
     /// Upstream protocol.
     pub protocol: UpstreamProtocol,
+    /// Instance selection.
+    pub balance: Balance,
 }
 
 /// An instance as given to the builder.
@@ -609,6 +725,8 @@ impl TableBuilder {
             } else {
                 c.state
             };
+            let ring =
+                (c.balance == Balance::KeyAffinity).then(|| Arc::new(KeyRing::new(&instances)));
             cells.push(Cell {
                 id: c.id.as_str().into(),
                 id_header,
@@ -620,6 +738,7 @@ impl TableBuilder {
                 failover,
                 instances,
                 protocol: c.protocol,
+                ring,
                 health: ch,
             });
         }

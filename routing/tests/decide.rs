@@ -32,6 +32,7 @@ fn spec(id: &str, region: &str, state: CellState, failover: &[&str]) -> CellSpec
             inst(&format!("{id}-b"), 1001),
         ],
         protocol: UpstreamProtocol::Auto,
+        balance: Default::default(),
     }
 }
 
@@ -469,7 +470,7 @@ fn below_the_panic_threshold_ejected_instances_share_the_load_by_base_weight() {
         let mut wrr = SmoothWrr::default();
         let mut n = [0u32; 4];
         for _ in 0..4_000 {
-            n[t.pick_instance(0, None, &mut wrr, 11, 0).unwrap()] += 1;
+            n[t.pick_instance(0, None, &mut wrr, 11, 0, None).unwrap()] += 1;
         }
         n
     };

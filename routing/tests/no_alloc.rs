@@ -73,6 +73,7 @@ fn a_route_decision_allocates_nothing() {
                 })
                 .collect(),
             protocol: UpstreamProtocol::Auto,
+            balance: Default::default(),
         });
     }
     for o in 0..100_000 {
@@ -103,7 +104,7 @@ fn a_route_decision_allocates_nothing() {
             })
             .unwrap();
         let i = table
-            .pick_instance(d.cell, None, &mut wrr[usize::from(d.cell)], 1, 0)
+            .pick_instance(d.cell, None, &mut wrr[usize::from(d.cell)], 1, 0, None)
             .unwrap();
         (d.cell, i)
     };

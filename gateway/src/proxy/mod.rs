@@ -105,14 +105,15 @@ impl Worker {
         tag: Option<&str>,
         now: u64,
         tried: u64,
+        key: Option<&[u8]>,
     ) -> Option<usize> {
         match self.per_version(table) {
             Some(mut st) => {
                 let wrr = st.per_cell.get_mut(usize::from(cell))?;
-                table.pick_instance(cell, tag, wrr, now, tried)
+                table.pick_instance(cell, tag, wrr, now, tried, key)
             }
             // A retry still on an older table: positions of its own.
-            None => table.pick_instance(cell, tag, &mut SmoothWrr::default(), now, tried),
+            None => table.pick_instance(cell, tag, &mut SmoothWrr::default(), now, tried, key),
         }
     }
 
@@ -600,7 +601,20 @@ async fn proxy(
         };
         let serving = cell.is_serving(now, p);
         let picked = if serving || !sent_any {
-            worker.pick(table, cell_idx, tag, now, tried)
+            // Key affinity needs the key again (only for such cells: the hot path keeps
+            // no copy of it).
+            let key = match cell.ring {
+                Some(_) => routing_key(table, &req, &replay),
+                None => None,
+            };
+            worker.pick(
+                table,
+                cell_idx,
+                tag,
+                now,
+                tried,
+                key.as_deref().map(str::as_bytes),
+            )
         } else {
             None
         };
@@ -615,16 +629,7 @@ async fn proxy(
             }
             // The key again, from the request we still hold (this path is rare; the hot
             // path keeps no copy of it).
-            let key = match (&req, &replay) {
-                (Some(r), _) => table.key_sources().extract(r.uri(), r.headers()),
-                (None, Some(r)) => table
-                    .key_sources()
-                    .extract(&r.uri, &r.header_map())
-                    .map(|k| k.map(|k| Cow::Owned(k.into_owned()))),
-                (None, None) => Ok(None),
-            }
-            .ok()
-            .flatten();
+            let key = routing_key(table, &req, &replay);
             // And the rest of the first decision's inputs: a keyless request keeps its
             // region hint, a forced one walks its forced cell's failover targets.
             let hint = match (&req, &replay) {
@@ -848,6 +853,24 @@ fn grpc_failed(res: &Response<hyper::body::Incoming>) -> bool {
         .is_some_and(|v| matches!(v.as_bytes(), b"13" | b"14"))
 }
 
+/// The request's routing key again, from the request still held or its replay copy.
+fn routing_key<'r>(
+    table: &RoutingTable,
+    req: &'r Option<Request<ProxyBody>>,
+    replay: &Option<Replay>,
+) -> Option<Cow<'r, str>> {
+    match (req, replay) {
+        (Some(r), _) => table.key_sources().extract(r.uri(), r.headers()),
+        (None, Some(r)) => table
+            .key_sources()
+            .extract(&r.uri, &r.header_map())
+            .map(|k| k.map(|k| Cow::Owned(k.into_owned()))),
+        (None, None) => Ok(None),
+    }
+    .ok()
+    .flatten()
+}
+
 /// An upstream's answer on its way to the client.
 struct Held<'a> {
     res: Response<hyper::body::Incoming>,
@@ -984,7 +1007,7 @@ cells:
         let now = cellgate_health::now_ms();
         let mut picks = Vec::new();
         for _ in 0..6 {
-            picks.push(worker.pick(&new, 0, None, now, 0).unwrap());
+            picks.push(worker.pick(&new, 0, None, now, 0, None).unwrap());
             // A request that began on the old table finishes in between.
             worker.observe(&old, Some(0), 200, 100, now);
         }
