@@ -66,6 +66,9 @@ pub struct SettingsDoc {
     /// Deadlines.
     #[serde(default)]
     pub timeouts: TimeoutsCfg,
+    /// Routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<crate::model::RouteCfg>,
 }
 
 /// The `slots` document.
@@ -173,6 +176,7 @@ impl Documents {
                     cfg.regions = s.regions;
                     cfg.routing = s.routing;
                     cfg.timeouts = s.timeouts;
+                    cfg.routes = s.routes;
                 }
                 Err(e) => issue(SETTINGS.into(), format!("not a settings document: {e}")),
             },
@@ -319,6 +323,7 @@ pub fn documents_of(
         regions: cfg.regions.clone(),
         routing: cfg.routing.clone(),
         timeouts: cfg.timeouts.clone(),
+        routes: cfg.routes.clone(),
     };
     out.push((SETTINGS.to_owned(), ser(SETTINGS, &settings)?));
     for c in &cfg.cells {

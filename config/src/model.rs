@@ -24,6 +24,9 @@ pub struct Config {
     /// Request deadlines.
     #[serde(default)]
     pub timeouts: TimeoutsCfg,
+    /// Routes by path prefix: their own deadlines (fixed or adaptive) and SLO class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteCfg>,
     /// Region names.
     pub regions: Vec<String>,
     /// Cells.
@@ -368,6 +371,41 @@ pub struct TimeoutsCfg {
     /// Upstream connect timeout (default `1s`).
     #[serde(default = "default_connect")]
     pub connect: String,
+}
+
+/// A route: requests whose path is `path_prefix` or below it (`/api/pay` matches
+/// `/api/pay` and `/api/pay/...`, not `/api/payments`); the longest prefix wins.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCfg {
+    /// Path prefix, starting with `/`.
+    pub path_prefix: String,
+    /// Default deadline (default `timeouts.default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Longest deadline `X-Timeout`/`grpc-timeout` may ask for (default `timeouts.max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout: Option<String>,
+    /// Adaptive default deadline: clamp(p95 × factor, min, max) of the route's answers over
+    /// the last 10 s (until there are some, `timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_timeout: Option<AdaptiveTimeoutCfg>,
+    /// SLO class of its requests that send no `X-SLO-Class`: `critical`, `standard`,
+    /// `best-effort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_class: Option<cellgate_routing::SloClass>,
+}
+
+/// `routes[].adaptive_timeout`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveTimeoutCfg {
+    /// Multiple of the p95 (above 0, at most 100).
+    pub factor: f64,
+    /// Shortest deadline.
+    pub min: String,
+    /// Longest deadline (at most the route's `max_timeout`).
+    pub max: String,
 }
 
 impl Default for TimeoutsCfg {

@@ -397,6 +397,8 @@ impl Config {
             }
         }
 
+        self.check_routes(&mut is, durs[0], durs[1]);
+
         if self.regions.is_empty() {
             is.push("regions", "at least one region is required");
         }
@@ -655,6 +657,84 @@ impl Config {
         }
     }
 
+    /// `routes`: prefixes, durations, and that each default fits under its cap.
+    fn check_routes(&self, is: &mut Issues, default: Option<Duration>, max: Option<Duration>) {
+        let positive = |is: &mut Issues, path: String, v: &str| -> Option<Duration> {
+            let d = parse_duration(v).filter(|d| !d.is_zero());
+            if d.is_none() {
+                is.push(
+                    path,
+                    format!("{v:?} is not a positive duration such as 250ms or 2s"),
+                );
+            }
+            d
+        };
+        let mut seen = HashSet::new();
+        for (k, r) in self.routes.iter().enumerate() {
+            let p = format!("routes[{k}]");
+            if !r.path_prefix.starts_with('/')
+                || r.path_prefix
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ')
+            {
+                is.push(
+                    format!("{p}.path_prefix"),
+                    format!(
+                        "{:?} must start with '/' and hold no spaces or control characters",
+                        r.path_prefix
+                    ),
+                );
+            } else if !seen.insert(r.path_prefix.as_str()) {
+                is.push(
+                    format!("{p}.path_prefix"),
+                    format!("duplicate route {:?}", r.path_prefix),
+                );
+            }
+            let t = match &r.timeout {
+                Some(v) => positive(is, format!("{p}.timeout"), v),
+                None => default,
+            };
+            let m = match &r.max_timeout {
+                Some(v) => positive(is, format!("{p}.max_timeout"), v),
+                None => max,
+            };
+            if let (Some(t), Some(m)) = (t, m) {
+                if t > m {
+                    is.push(
+                        format!("{p}.timeout"),
+                        format!("{t:?} is longer than the route's max_timeout {m:?}"),
+                    );
+                }
+            }
+            if let Some(a) = &r.adaptive_timeout {
+                if !(a.factor > 0.0 && a.factor <= 100.0) {
+                    is.push(
+                        format!("{p}.adaptive_timeout.factor"),
+                        format!("{} is outside (0, 100]", a.factor),
+                    );
+                }
+                let lo = positive(is, format!("{p}.adaptive_timeout.min"), &a.min);
+                let hi = positive(is, format!("{p}.adaptive_timeout.max"), &a.max);
+                if let (Some(lo), Some(hi)) = (lo, hi) {
+                    if lo > hi {
+                        is.push(
+                            format!("{p}.adaptive_timeout.min"),
+                            format!("{} is longer than max {}", a.min, a.max),
+                        );
+                    }
+                    if let Some(m) = m {
+                        if hi > m {
+                            is.push(
+                                format!("{p}.adaptive_timeout.max"),
+                                format!("{} is longer than the route's max_timeout {m:?}", a.max),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Build routing table `version` from this (validated) configuration. Health state
     /// comes from `health`, so it carries over from the previous table.
     pub fn build_table(
@@ -679,6 +759,22 @@ impl Config {
             .health(self.health.to_policy(&mut Vec::new()));
         for r in &self.regions {
             b = b.region(r.clone());
+        }
+        for r in &self.routes {
+            let d = |v: &Option<String>| v.as_deref().and_then(parse_duration);
+            b = b.route(cellgate_routing::RouteSpec {
+                prefix: r.path_prefix.clone(),
+                timeout: d(&r.timeout),
+                max_timeout: d(&r.max_timeout),
+                adaptive: r.adaptive_timeout.as_ref().and_then(|a| {
+                    Some(cellgate_routing::Adaptive {
+                        factor: a.factor,
+                        min: parse_duration(&a.min)?,
+                        max: parse_duration(&a.max)?,
+                    })
+                }),
+                slo_class: r.slo_class,
+            });
         }
         for (i, c) in self.cells.iter().enumerate() {
             let mut instances = Vec::with_capacity(c.instances.len());

@@ -120,3 +120,35 @@ fn retry_attempts_over_the_maximum_are_named_not_clamped() {
     );
     assert!(issues("health:\n  retry: { max_attempts: 10 }\n").is_empty());
 }
+
+#[test]
+fn routes_are_checked_and_each_problem_named_by_its_path() {
+    assert!(issues(
+        "routes:\n  - { path_prefix: /api, timeout: 2s, max_timeout: 5s, slo_class: critical }\n  - { path_prefix: /bulk, adaptive_timeout: { factor: 3, min: 100ms, max: 4s } }\n"
+    )
+    .is_empty());
+    let is = issues(
+        "routes:
+  - { path_prefix: api }
+  - { path_prefix: /x, timeout: 20s, max_timeout: 5s }
+  - { path_prefix: /x }
+  - { path_prefix: /y, timeout: soon }
+  - { path_prefix: /z, adaptive_timeout: { factor: 0, min: 2s, max: 1s } }
+  - { path_prefix: /w, adaptive_timeout: { factor: 2, min: 1s, max: 90s } }
+",
+    );
+    for path in [
+        "routes[0].path_prefix",
+        "routes[1].timeout",
+        "routes[2].path_prefix",
+        "routes[3].timeout",
+        "routes[4].adaptive_timeout.factor",
+        "routes[4].adaptive_timeout.min",
+        "routes[5].adaptive_timeout.max",
+    ] {
+        assert!(is.iter().any(|i| i.contains(path)), "{path} not in {is:?}");
+    }
+    // An unknown class is a parse error that names it.
+    let e = issues("routes:\n  - { path_prefix: /a, slo_class: gold }\n");
+    assert!(e.iter().any(|i| i.contains("gold")), "{e:?}");
+}

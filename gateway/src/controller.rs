@@ -261,6 +261,10 @@ pub async fn step(shared: &Arc<Shared>, fleet: &mut FleetView) {
     }
     // Weights: publish when any changed by more than 1 %.
     let current = shared.table.load_full();
+    // Adaptive route deadlines follow their routes' latencies.
+    for r in current.routes() {
+        r.update_adaptive(now);
+    }
     let p = current.health_policy();
     let mut changed = false;
     let next = current.with_weights(|_, inst| {

@@ -287,3 +287,106 @@ async fn a_deadline_the_client_shortened_does_not_count_against_the_upstream() {
         "the route's deadline is the upstream's failure"
     );
 }
+
+/// Routes by path prefix carry their own deadlines: a route's default and cap apply to
+/// its paths (`X-Timeout` is capped at the route's `max_timeout`), other paths keep the
+/// table's; and a route's SLO class applies to its requests that send none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_set_their_own_deadlines_and_slo_class() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 1000}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 5s, max: 10s }
+routes:
+  - { path_prefix: /quick, timeout: 200ms, max_timeout: 500ms }
+  - { path_prefix: /batch, slo_class: best-effort }
+shedding: { max_in_flight: 2, standard_at: 1.0, best_effort_at: 0.5 }
+",
+    );
+    let dir = TempDir::new("routes");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let timed = |path: &'static str, t: Option<&'static str>| {
+        let addr = gw.addr;
+        async move {
+            let mut h = vec![("x-user-id", "alice")];
+            if let Some(t) = t {
+                h.push(("x-timeout", t));
+            }
+            let t0 = Instant::now();
+            let r = get(addr, path, &h).await;
+            (r, t0.elapsed())
+        }
+    };
+    // The route's default: 504 after ~200 ms.
+    let (r, took) = timed("/quick/item", None).await;
+    assert_json_error(&r, 504, "200 ms");
+    assert!(took < Duration::from_millis(900), "{took:?}");
+    // Asking for more is capped at its max_timeout (500 ms).
+    let (r, took) = timed("/quick", Some("3s")).await;
+    assert_json_error(&r, 504, "500 ms");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(950),
+        "{took:?}"
+    );
+    // A path that only starts with the same letters is not the route: the table's 5 s.
+    let (r, _) = timed("/quickly", None).await;
+    assert_eq!(r.status, 200);
+    let (r, _) = timed("/other", Some("3s")).await;
+    assert_eq!(r.status, 200);
+
+    // With one request in flight, the best-effort route is shed (its class's limit is
+    // 1) while standard requests, and the route's own requests that ask for standard,
+    // go through.
+    let busy = tokio::spawn(timed("/other", None));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (r, _) = timed("/batch/job", None).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    let addr = gw.addr;
+    let r = get(
+        addr,
+        "/batch/job",
+        &[("x-user-id", "alice"), ("x-slo-class", "standard")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(busy.await.unwrap().0.status, 200);
+}
+
+/// A route's adaptive deadline follows its answers: clamp(p95 × factor, min, max). After
+/// answers of ~300 ms (p95 read as the 500 ms bin), a request to an upstream that got slow
+/// is cut at about 2 × 500 ms, not at the route's 5 s default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adaptive_route_deadline_follows_the_latencies() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 300}"#).await;
+    let yaml = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 5s, max: 10s }
+routes:
+  - { path_prefix: /api, adaptive_timeout: { factor: 2, min: 100ms, max: 3s } }
+",
+    );
+    let dir = TempDir::new("adaptive");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let addr = gw.addr;
+    let calls: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { get(addr, "/api/x", &[("x-user-id", "alice")]).await }))
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap().status, 200);
+    }
+    // The controller recomputes it on its next tick.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    fault(up.addr, r#"{"delay_ms": 2500}"#).await;
+    let t0 = Instant::now();
+    let r = get(addr, "/api/x", &[("x-user-id", "alice")]).await;
+    let took = t0.elapsed();
+    assert_json_error(&r, 504, "1000 ms");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        "{took:?}"
+    );
+}

@@ -57,6 +57,45 @@ pub fn ms_at(at: Instant) -> u64 {
 pub struct HealthRegistry {
     instances: Mutex<HashMap<(String, String), Arc<InstanceHealth>>>,
     cells: Mutex<HashMap<String, Arc<CellHealth>>>,
+    routes: Mutex<HashMap<String, Arc<RouteLatency>>>,
+}
+
+/// Latencies of one route's answers and the adaptive deadline derived from them
+/// (clamp(p95 × factor, min, max), recomputed by the controller); survives table swaps.
+#[derive(Debug, Default)]
+pub struct RouteLatency {
+    window: LatencyWindow,
+    adaptive_ms: std::sync::atomic::AtomicU64,
+}
+
+impl RouteLatency {
+    /// Record one answer's latency at `now`.
+    #[inline]
+    pub fn record(&self, now: u64, latency_us: u64) {
+        self.window.record(now, latency_us);
+    }
+
+    /// The p95 latency over the window (10 s) in ms, by the bins' upper bounds.
+    pub fn p95_ms(&self, now: u64) -> Option<u64> {
+        let mut bins = [0u64; LATENCY_BINS_MS.len() + 1];
+        self.window.add_bins(now, &mut bins);
+        quantile_ms(&bins, 0.95)
+    }
+
+    /// Set the adaptive deadline (0: none yet).
+    pub fn set_adaptive_ms(&self, ms: u64) {
+        self.adaptive_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The adaptive deadline, once there were answers to derive it from.
+    #[inline]
+    pub fn adaptive(&self) -> Option<std::time::Duration> {
+        match self.adaptive_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
 }
 
 impl HealthRegistry {
@@ -74,6 +113,15 @@ impl HealthRegistry {
         map.entry((cell.to_owned(), instance.to_owned()))
             .or_default()
             .clone()
+    }
+
+    /// The latency state of route `prefix`, created on first use.
+    pub fn route(&self, prefix: &str) -> Arc<RouteLatency> {
+        let mut map = match self.routes.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(prefix.to_owned()).or_default().clone()
     }
 
     /// The health state of `cell`, created on first use.

@@ -26,7 +26,8 @@ pub use key::{JwtSource, JwtVerify, KeySource, KeySources, MAX_KEY_LEN};
 pub use overrides::Overrides;
 pub use slot::{slot_of, DEFAULT_SLOT_COUNT};
 pub use table::{
-    AnonymousPolicy, Balance, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance, InstanceSpec,
-    KeyRing, RoutingTable, TableBuilder, Timeouts, UpstreamProtocol,
+    Adaptive, AnonymousPolicy, Balance, Cell, CellIdx, CellSpec, CellState, GraySpec, Instance,
+    InstanceSpec, KeyRing, Route, RouteSpec, RoutingTable, SloClass, TableBuilder, Timeouts,
+    UpstreamProtocol,
 };
 pub use wrr::SmoothWrr;

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellgate_health::{CellHealth, HealthPolicy, HealthRegistry, InstanceHealth};
+use cellgate_health::{CellHealth, HealthPolicy, HealthRegistry, InstanceHealth, RouteLatency};
 use http::HeaderValue;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,94 @@ impl CellState {
             Self::FailedOver => "failed_over",
             Self::Disabled => "disabled",
         }
+    }
+}
+
+/// A request's SLO class, for load shedding: `X-SLO-Class`, else its route's, else
+/// `standard`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SloClass {
+    /// Shed last.
+    Critical,
+    /// The default.
+    #[default]
+    Standard,
+    /// Shed first.
+    BestEffort,
+}
+
+/// A route's adaptive deadline: clamp(p95 × `factor`, `min`, `max`), the p95 of the
+/// route's answers over the last 10 s.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adaptive {
+    /// Multiple of the p95.
+    pub factor: f64,
+    /// Shortest deadline.
+    pub min: Duration,
+    /// Longest deadline.
+    pub max: Duration,
+}
+
+/// A route as given to the builder: requests whose path is `prefix` or below it.
+#[derive(Clone, Debug)]
+pub struct RouteSpec {
+    /// Path prefix (`/api/checkout` matches `/api/checkout` and `/api/checkout/...`).
+    pub prefix: String,
+    /// Default deadline (else the table's).
+    pub timeout: Option<Duration>,
+    /// Longest deadline a request may ask for (else the table's).
+    pub max_timeout: Option<Duration>,
+    /// Adaptive default deadline.
+    pub adaptive: Option<Adaptive>,
+    /// SLO class of its requests that send none.
+    pub slo_class: Option<SloClass>,
+}
+
+/// A route of the table.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Path prefix.
+    pub prefix: Arc<str>,
+    /// Its deadlines (default and cap; connect as the table's).
+    pub timeouts: Timeouts,
+    /// Adaptive default deadline.
+    pub adaptive: Option<Adaptive>,
+    /// SLO class of its requests that send none.
+    pub slo_class: Option<SloClass>,
+    /// Its answers' latencies and current adaptive deadline (survive table swaps).
+    pub latency: Arc<RouteLatency>,
+}
+
+impl Route {
+    /// Whether `path` is this route's prefix or below it.
+    #[inline]
+    fn matches(&self, path: &str) -> bool {
+        path.strip_prefix(&*self.prefix).is_some_and(|rest| {
+            rest.is_empty() || rest.starts_with('/') || self.prefix.ends_with('/')
+        })
+    }
+
+    /// The deadline of a request that asks for none: the adaptive one once known (within
+    /// its bounds), else the route's default.
+    #[inline]
+    pub fn default_timeout(&self) -> Duration {
+        match (self.adaptive, self.latency.adaptive()) {
+            (Some(_), Some(d)) => d,
+            _ => self.timeouts.default,
+        }
+    }
+
+    /// Recompute the adaptive deadline from the latencies at `now` (the controller, off the
+    /// request path); none before there are answers.
+    pub fn update_adaptive(&self, now: u64) {
+        let Some(a) = self.adaptive else { return };
+        let Some(p95) = self.latency.p95_ms(now) else {
+            return;
+        };
+        let ms = (p95 as f64 * a.factor).round() as u64;
+        let ms = ms.clamp(a.min.as_millis() as u64, a.max.as_millis() as u64);
+        self.latency.set_adaptive_ms(ms.max(1));
     }
 }
 
@@ -329,10 +417,25 @@ pub struct RoutingTable {
     pub(crate) replace_untrusted_xff: bool,
     pub(crate) gray: Arc<[GrayRule]>,
     pub(crate) timeouts: Timeouts,
+    pub(crate) routes: Arc<[Route]>,
     pub(crate) health: Arc<HealthPolicy>,
 }
 
 impl RoutingTable {
+    /// The route of `path` (the longest matching prefix), if routes are configured.
+    #[inline]
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        if self.routes.is_empty() {
+            return None;
+        }
+        self.routes.iter().find(|r| r.matches(path))
+    }
+
+    /// Every route, longest prefix first.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
     /// Table version (`X-Routing-Version`).
     pub fn version(&self) -> u64 {
         self.version
@@ -411,6 +514,7 @@ impl RoutingTable {
             replace_untrusted_xff: self.replace_untrusted_xff,
             gray: Arc::clone(&self.gray),
             timeouts: self.timeouts,
+            routes: Arc::clone(&self.routes),
             health: Arc::clone(&self.health),
         }
     }
@@ -518,6 +622,7 @@ pub struct TableBuilder {
     replace_untrusted_xff: bool,
     gray: Vec<crate::gray::GraySpec>,
     timeouts: Timeouts,
+    routes: Vec<RouteSpec>,
     health: HealthPolicy,
 }
 
@@ -545,6 +650,7 @@ impl TableBuilder {
             replace_untrusted_xff: false,
             gray: Vec::new(),
             timeouts: Timeouts::default(),
+            routes: Vec::new(),
             health: HealthPolicy::default(),
         }
     }
@@ -608,6 +714,11 @@ impl TableBuilder {
     /// Deadlines.
     pub fn timeouts(mut self, t: Timeouts) -> Self {
         self.timeouts = t;
+        self
+    }
+    /// Add a route.
+    pub fn route(mut self, r: RouteSpec) -> Self {
+        self.routes.push(r);
         self
     }
 
@@ -850,6 +961,35 @@ impl TableBuilder {
             ));
         }
 
+        // Routes, longest prefix first (the first match is the most specific).
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for (k, r) in self.routes.iter().enumerate() {
+            if !r.prefix.starts_with('/') {
+                return Err(TableError::at(
+                    format!("routes[{k}].path_prefix"),
+                    format!("{:?} must start with '/'", r.prefix),
+                ));
+            }
+            if self.routes[..k].iter().any(|o| o.prefix == r.prefix) {
+                return Err(TableError::at(
+                    format!("routes[{k}].path_prefix"),
+                    format!("duplicate route {:?}", r.prefix),
+                ));
+            }
+            routes.push(Route {
+                prefix: r.prefix.as_str().into(),
+                timeouts: Timeouts {
+                    default: r.timeout.unwrap_or(self.timeouts.default),
+                    max: r.max_timeout.unwrap_or(self.timeouts.max),
+                    connect: self.timeouts.connect,
+                },
+                adaptive: r.adaptive,
+                slo_class: r.slo_class,
+                latency: health.route(&r.prefix),
+            });
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        let routes: Arc<[Route]> = routes.into();
         Ok(RoutingTable {
             version: self.version,
             version_header: HeaderValue::from(self.version),
@@ -866,6 +1006,7 @@ impl TableBuilder {
             replace_untrusted_xff: self.replace_untrusted_xff,
             gray: gray.into(),
             timeouts: self.timeouts,
+            routes,
             health: Arc::new(self.health),
         })
     }

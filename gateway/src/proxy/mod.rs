@@ -323,12 +323,22 @@ pub enum SloClass {
 }
 
 impl SloClass {
-    fn of(req: &Request<RequestBody>, seen: Seen) -> Result<Self, ProxyError> {
+    /// `X-SLO-Class`, else the route's class, else standard.
+    fn of(
+        req: &Request<RequestBody>,
+        seen: Seen,
+        route: Option<&cellgate_routing::Route>,
+    ) -> Result<Self, ProxyError> {
         match seen
             .get(req.headers(), Seen::SLO_CLASS, headers::X_SLO_CLASS)
             .map(|v| v.as_bytes())
         {
-            None | Some(b"standard") => Ok(Self::Standard),
+            None => Ok(match route.and_then(|r| r.slo_class) {
+                Some(cellgate_routing::SloClass::Critical) => Self::Critical,
+                Some(cellgate_routing::SloClass::BestEffort) => Self::BestEffort,
+                Some(cellgate_routing::SloClass::Standard) | None => Self::Standard,
+            }),
+            Some(b"standard") => Ok(Self::Standard),
             Some(b"critical") => Ok(Self::Critical),
             Some(b"best-effort") => Ok(Self::BestEffort),
             Some(_) => Err(ProxyError::BadRequest(
@@ -509,8 +519,10 @@ async fn proxy(
         seen,
     } = ctx;
     let now = started_ms;
-    // Phase: admit.
-    let class = SloClass::of(&req, seen).map_err(|e| (e, None))?;
+    // Phase: admit. The request's route (by path prefix; none configured: nothing to
+    // look at) gives its deadlines and default SLO class.
+    let route = table.route_for(req.uri().path());
+    let class = SloClass::of(&req, seen, route).map_err(|e| (e, None))?;
     let _in_flight = admit(&worker.shared, class).map_err(|e| {
         worker.shared.metrics.shed(class as usize);
         (e, None)
@@ -526,14 +538,21 @@ async fn proxy(
         ));
     };
     // Phase: shape.
-    let budget = deadline::budget(req.headers(), seen, table.timeouts())
+    let timeouts = match route {
+        Some(r) => cellgate_routing::Timeouts {
+            default: r.default_timeout(),
+            ..r.timeouts
+        },
+        None => *table.timeouts(),
+    };
+    let budget = deadline::budget(req.headers(), seen, &timeouts)
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
     // A deadline the client made shorter than the route's default says nothing about the
     // upstream when it runs out: it is not held against the instance's or the cell's
     // health (else any client could eject instances, or fail a cell over, with
     // `X-Timeout: 1ms`).
-    let upstream_timed_out = budget >= table.timeouts().default;
+    let upstream_timed_out = budget >= timeouts.default;
     let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
         c.protocol.uses_h2(grpc).ok_or_else(|| {
             ProxyError::UpstreamFailed(format!(
@@ -739,6 +758,9 @@ async fn proxy(
                 answered = true;
                 inst.health.record_rtt(latency_us, &p.weight);
                 inst.health.record_latency(now, latency_us);
+                if let Some(r) = route.filter(|r| r.adaptive.is_some()) {
+                    r.latency.record(now, latency_us);
+                }
                 let status = res.status().as_u16();
                 record(
                     cell,
