@@ -229,7 +229,7 @@ impl KeySources {
                     let Some(v) = all.next() else { continue };
                     if all.any(|other| other != v) {
                         return Err(KeyError::Ambiguous {
-                            header: name.as_str().to_owned(),
+                            source_name: format!("header {}", name.as_str()),
                         });
                     }
                     // Fast path: a visible-ASCII value (nearly every key) is UTF-8 already,
@@ -245,8 +245,11 @@ impl KeySources {
                     }
                     Some(Cow::Borrowed(trim_bytes(v.as_bytes())))
                 }
-                KeySource::Cookie(name) => find_cookie(headers, name).map(Cow::Borrowed),
-                KeySource::Query(name) => uri.query().and_then(|q| find_query(q, name)),
+                KeySource::Cookie(name) => find_cookie(headers, name)?.map(Cow::Borrowed),
+                KeySource::Query(name) => match uri.query() {
+                    Some(q) => find_query(q, name)?,
+                    None => None,
+                },
                 KeySource::PathSegment(n) => uri
                     .path()
                     .split('/')
@@ -313,7 +316,9 @@ fn trim_bytes(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+/// The cookie `name`'s value; the same cookie twice with different values is ambiguous.
+fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a [u8]>, KeyError> {
+    let mut found: Option<&'a [u8]> = None;
     for value in headers.get_all(COOKIE) {
         for pair in value.as_bytes().split(|&c| c == b';') {
             let pair = trim_bytes(pair);
@@ -326,21 +331,40 @@ fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
                     .strip_prefix(b"\"")
                     .and_then(|v| v.strip_suffix(b"\""))
                     .unwrap_or(v);
-                return Some(v);
+                match found {
+                    Some(f) if f != v => {
+                        return Err(KeyError::Ambiguous {
+                            source_name: format!("cookie {name}"),
+                        })
+                    }
+                    _ => found = Some(v),
+                }
             }
         }
     }
-    None
+    Ok(found)
 }
 
-fn find_query<'a>(query: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
+/// The query parameter `name`'s value; the same parameter twice with different values is
+/// ambiguous.
+fn find_query<'a>(query: &'a str, name: &str) -> Result<Option<Cow<'a, [u8]>>, KeyError> {
+    let mut found: Option<Cow<'a, [u8]>> = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if percent_decode(k.as_bytes(), true).as_ref() == name.as_bytes() {
-            return Some(percent_decode(v.as_bytes(), true));
+            let v = percent_decode(v.as_bytes(), true);
+            match &found {
+                Some(f) if *f != v => {
+                    return Err(KeyError::Ambiguous {
+                        source_name: format!("query parameter {name}"),
+                    })
+                }
+                Some(_) => {}
+                None => found = Some(v),
+            }
         }
     }
-    None
+    Ok(found)
 }
 
 /// Percent-decode (and `+` → space in query strings). Borrows when nothing changes.
@@ -555,6 +579,30 @@ mod tests {
         assert!(matches!(s.extract(&u, &h), Err(KeyError::Ambiguous { .. })));
         // The same value twice names one user.
         let (u, h) = req("/", &[("x-user-id", "alice"), ("x-user-id", "alice")]);
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn a_key_cookie_or_query_parameter_sent_twice_with_different_values_is_refused() {
+        let s = KeySources::new(vec![
+            KeySource::Cookie("uid".into()),
+            KeySource::Query("uid".into()),
+        ]);
+        let (u, h) = req("/", &[("cookie", "uid=alice; theme=dark; uid=bob")]);
+        let e = s.extract(&u, &h).unwrap_err();
+        assert!(e.to_string().contains("cookie uid"), "{e}");
+        let (u, h) = req("/", &[("cookie", "uid=alice"), ("cookie", "uid=bob")]);
+        assert!(matches!(s.extract(&u, &h), Err(KeyError::Ambiguous { .. })));
+        let (u, h) = req("/?uid=alice&x=1&uid=bob", &[]);
+        let e = s.extract(&u, &h).unwrap_err();
+        assert!(e.to_string().contains("query parameter uid"), "{e}");
+        // The same value twice names one user.
+        let (u, h) = req(
+            "/?uid=alice&uid=alice",
+            &[("cookie", "uid=carol; uid=carol")],
+        );
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("carol"));
+        let (u, h) = req("/?uid=alice&uid=al%69ce", &[]);
         assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
     }
 

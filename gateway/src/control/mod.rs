@@ -1051,7 +1051,9 @@ pub async fn mutate(
             let v = install(
                 shared,
                 after_cfg,
-                Some(after_table.version()),
+                // Numbered under the writer lock: a health rebuild since the plan may
+                // have taken the number the plan was built with.
+                None,
                 Source::File,
                 0,
             )
