@@ -589,12 +589,12 @@ mod tests {
             KeySource::Query("uid".into()),
         ]);
         let (u, h) = req("/", &[("cookie", "uid=alice; theme=dark; uid=bob")]);
-        let e = s.extract(&u, &h).unwrap_err();
+        let e = s.extract(&u, &h).expect_err("ambiguous");
         assert!(e.to_string().contains("cookie uid"), "{e}");
         let (u, h) = req("/", &[("cookie", "uid=alice"), ("cookie", "uid=bob")]);
         assert!(matches!(s.extract(&u, &h), Err(KeyError::Ambiguous { .. })));
         let (u, h) = req("/?uid=alice&x=1&uid=bob", &[]);
-        let e = s.extract(&u, &h).unwrap_err();
+        let e = s.extract(&u, &h).expect_err("ambiguous");
         assert!(e.to_string().contains("query parameter uid"), "{e}");
         // The same value twice names one user.
         let (u, h) = req(
