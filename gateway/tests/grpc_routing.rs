@@ -176,6 +176,17 @@ fn grpc_calls(gateway: SocketAddr, key: &str, method: &str, n: u32) -> Vec<Strin
 /// health (five in a row eject it), NOT_FOUND (the caller's business) does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unavailable_counts_against_the_instance_and_not_found_does_not() {
+    grpc_failures_eject("Unavailable").await;
+}
+
+/// The same for a status that comes in the trailers after messages (a stream that fails
+/// midway); streams that end OK do not count against the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_failing_midway_counts_against_the_instance() {
+    grpc_failures_eject("StreamThenUnavailable").await;
+}
+
+async fn grpc_failures_eject(failing: &str) {
     let server = grpc_server("g-1");
     let yaml = config_yaml(&[cell("g-1", "r1", &[], &[("g-1-a", server.addr)])], "");
     let dir = TempDir::new("grpc-health");
@@ -183,11 +194,13 @@ async fn grpc_unavailable_counts_against_the_instance_and_not_found_does_not() {
     let gw = Gateway::start(&dir.path("c.yaml"));
     let codes = grpc_calls(gw.addr, "alice", "Fail", 8);
     assert!(codes.iter().all(|c| c == "NOT_FOUND"), "{codes:?}");
+    let codes = grpc_calls(gw.addr, "alice", "Stream", 8);
+    assert!(codes.iter().all(|c| c == "OK"), "{codes:?}");
     assert!(
         !gw.logs_contain("instance ejected"),
-        "ejected for NOT_FOUND"
+        "ejected for NOT_FOUND or OK"
     );
-    let codes = grpc_calls(gw.addr, "alice", "Unavailable", 5);
+    let codes = grpc_calls(gw.addr, "alice", failing, 5);
     assert!(codes.iter().all(|c| c == "UNAVAILABLE"), "{codes:?}");
     assert!(
         gw.wait_log("instance ejected", std::time::Duration::from_secs(5))

@@ -58,6 +58,19 @@ impl ProxyBody {
 pub struct Streaming {
     inst: Arc<cellgate_health::InstanceHealth>,
     cell: Arc<cellgate_health::CellHealth>,
+    /// A gRPC answer's outcome, known only from its trailers.
+    grpc: Option<Box<GrpcOutcome>>,
+}
+
+/// Where a gRPC answer's outcome is recorded once its trailers say it (`grpc-status`).
+#[derive(Debug)]
+pub struct GrpcOutcome {
+    /// The table the request was routed on.
+    pub table: Arc<cellgate_routing::RoutingTable>,
+    /// Its cell and instance there.
+    pub cell: cellgate_routing::CellIdx,
+    /// Instance index in the cell.
+    pub inst: usize,
 }
 
 impl Streaming {
@@ -69,6 +82,28 @@ impl Streaming {
         Self {
             inst: Arc::clone(inst),
             cell: Arc::clone(cell),
+            grpc: None,
+        }
+    }
+
+    /// Record the answer's outcome when its trailers come (gRPC).
+    pub fn with_grpc_outcome(mut self, o: GrpcOutcome) -> Self {
+        self.grpc = Some(Box::new(o));
+        self
+    }
+
+    /// The answer ended: with `trailers`, or without any (`None`). A gRPC answer's outcome
+    /// is recorded now: a failure for INTERNAL or UNAVAILABLE, or for no status at all.
+    fn ended(&mut self, trailers: Option<&http::HeaderMap>) {
+        let Some(o) = self.grpc.take() else { return };
+        let failed = match trailers.and_then(|t| t.get("grpc-status")) {
+            Some(v) => matches!(v.as_bytes(), b"13" | b"14"),
+            None => true,
+        };
+        if let Some(cell) = o.table.cell(o.cell) {
+            if let Some(inst) = cell.instances.get(o.inst) {
+                super::record_grpc(cell, inst, &o.table, failed);
+            }
         }
     }
 }
@@ -110,9 +145,20 @@ impl Body for ProxyBody {
                 let r = Pin::new(&mut *b).poll_frame(cx);
                 let done = matches!(r, Poll::Ready(None))
                     || (matches!(r, Poll::Ready(Some(Ok(_)))) && b.is_end_stream());
+                if let Some(c) = counted.as_mut() {
+                    match &r {
+                        Poll::Ready(Some(Ok(f))) if f.is_trailers() => c.ended(f.trailers_ref()),
+                        // Cut off by the upstream: no status will come.
+                        Poll::Ready(Some(Err(_))) => c.ended(None),
+                        _ => {}
+                    }
+                }
                 if done {
                     if let Some(l) = lease.take() {
                         l.give_back();
+                    }
+                    if let Some(c) = counted.as_mut() {
+                        c.ended(None);
                     }
                     *counted = None;
                 }

@@ -762,17 +762,25 @@ async fn proxy(
                     r.latency.record(now, latency_us);
                 }
                 let status = res.status().as_u16();
-                record(
-                    cell,
-                    inst,
-                    now,
-                    if status >= 500 || (grpc && grpc_failed(&res)) {
-                        Outcome::Status5xx
-                    } else {
-                        Outcome::Success
-                    },
-                    p,
-                );
+                // A gRPC answer that is not over with its head (no status in it) has its
+                // outcome in its trailers: recorded when they come (see `body::Streaming`).
+                let grpc_pending = grpc
+                    && status < 500
+                    && !res.headers().contains_key("grpc-status")
+                    && !http_body::Body::is_end_stream(res.body());
+                if !grpc_pending {
+                    record(
+                        cell,
+                        inst,
+                        now,
+                        if status >= 500 || (grpc && grpc_failed(&res)) {
+                            Outcome::Status5xx
+                        } else {
+                            Outcome::Success
+                        },
+                        p,
+                    );
+                }
                 if replay.is_some()
                     && p.retry.statuses.contains(&status)
                     && status_retries + 1 < p.retry.max_attempts
@@ -796,7 +804,15 @@ async fn proxy(
                     }
                 }
                 drop(held);
-                let counted = Some(attempt_in_flight.streaming());
+                let mut counted = attempt_in_flight.streaming();
+                if grpc_pending {
+                    counted = counted.with_grpc_outcome(body::GrpcOutcome {
+                        table: Arc::clone(table),
+                        cell: cell_idx,
+                        inst: i,
+                    });
+                }
+                let counted = Some(counted);
                 return Ok(answer(res, lease, counted, cell, cell_idx, request_id));
             }
             Err(AttemptError::Connect(e, back)) => {
@@ -868,7 +884,7 @@ async fn proxy(
 /// A gRPC answer that is a server-side failure in its head (a trailers-only answer):
 /// `grpc-status` INTERNAL (13) or UNAVAILABLE (14), whatever its HTTP status (gRPC errors
 /// come with 200). Other codes are the caller's business (not found, invalid argument, its
-/// own deadline...). A status that comes in trailers after a body is not looked at here.
+/// own deadline...). A status in the trailers after a body is recorded when they come.
 fn grpc_failed(res: &Response<hyper::body::Incoming>) -> bool {
     res.headers()
         .get("grpc-status")
@@ -956,6 +972,22 @@ fn can_retry(
 const MAX_ATTEMPTS: usize = 8;
 
 /// Phase *outcome*: feed an attempt's outcome to the instance's and the cell's health.
+/// A gRPC answer's outcome, from its trailers (`body::Streaming`).
+pub(crate) fn record_grpc(
+    cell: &cellgate_routing::Cell,
+    inst: &cellgate_routing::Instance,
+    table: &RoutingTable,
+    failed: bool,
+) {
+    let now = cellgate_health::now_ms();
+    let outcome = if failed {
+        Outcome::Status5xx
+    } else {
+        Outcome::Success
+    };
+    record(cell, inst, now, outcome, table.health_policy());
+}
+
 fn record(
     cell: &cellgate_routing::Cell,
     inst: &cellgate_routing::Instance,

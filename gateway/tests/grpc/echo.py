@@ -5,7 +5,8 @@
   echo.py call --target <addr> --key <k>
                                    call Unary, Stream and Fail through <addr>; prints JSON results
   echo.py call --target <addr> --key <k> --method <M> --n <n>
-                                   call method M (Unary, Fail, Unavailable) n times; prints the codes
+                                   call method M (Unary, Fail, Unavailable, Stream,
+                                   StreamThenUnavailable) n times; prints the codes
 
 Messages are raw bytes (JSON text), so no protobuf schema is needed.
 """
@@ -42,8 +43,13 @@ def serve(cell):
     def unavailable(req, ctx):
         ctx.abort(grpc.StatusCode.UNAVAILABLE, "overloaded " + cell)
 
+    def stream_then_unavailable(req, ctx):
+        yield b"{}"
+        ctx.abort(grpc.StatusCode.UNAVAILABLE, "lost its backend mid-stream " + cell)
+
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
+        "StreamThenUnavailable": grpc.unary_stream_rpc_method_handler(stream_then_unavailable),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
@@ -82,10 +88,13 @@ def call_n(target, key, method, n):
     md = (("x-user-id", key),)
     codes = []
     with grpc.insecure_channel(target) as ch:
-        m = ch.unary_unary("/%s/%s" % (SERVICE, method))
+        streaming = method.startswith("Stream")
+        m = (ch.unary_stream if streaming else ch.unary_unary)("/%s/%s" % (SERVICE, method))
         for _ in range(n):
             try:
-                m(b"x", metadata=md, timeout=10)
+                r = m(b"x", metadata=md, timeout=10)
+                if streaming:
+                    list(r)
                 codes.append("OK")
             except grpc.RpcError as e:
                 codes.append(e.code().name)
