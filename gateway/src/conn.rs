@@ -121,6 +121,8 @@ pub struct Activity {
     /// started: the answer has begun once they differ.
     writes: Cell<u32>,
     writes_at_start: Cell<u32>,
+    /// The request in flight has its answer handed to hyper.
+    answering: Cell<bool>,
     /// The watchdog's last look at `writes`, and when it last saw the count move.
     progress: Cell<(u32, Instant)>,
 }
@@ -328,6 +330,7 @@ impl Activity {
             write_blocked_since: Cell::new(None),
             writes: Cell::new(0),
             writes_at_start: Cell::new(0),
+            answering: Cell::new(false),
             progress: Cell::new((0, now)),
         })
     }
@@ -338,8 +341,15 @@ impl Activity {
         self.in_flight.set(self.in_flight.get().saturating_add(1));
         self.head_since.set(None);
         self.served.set(true);
-        self.writes_at_start.set(self.writes.get());
+        self.answering.set(false);
         self.scan.replace(HeadScan::default())
+    }
+
+    /// The request's answer is handed to hyper: writes from here on are the answer's (not,
+    /// say, a `100 Continue` hyper sent while the body was read).
+    pub fn answer_started(&self) {
+        self.writes_at_start.set(self.writes.get());
+        self.answering.set(true);
     }
 
     /// A request's response finished (or was abandoned).
@@ -419,7 +429,8 @@ impl Activity {
                 };
             }
             let writes = self.writes.get();
-            if self.track_head.get() && writes != self.writes_at_start.get() {
+            if self.track_head.get() && self.answering.get() && writes != self.writes_at_start.get()
+            {
                 let (seen, mut moved) = self.progress.get();
                 if seen != writes {
                     moved = now;

@@ -225,6 +225,9 @@ impl Future for GuardFuture {
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         let inflight = this.inflight.take();
+        if let Some(i) = &inflight {
+            i.0.answer_started();
+        }
         Poll::Ready(Ok(res.map(|inner| GuardBody { inner, inflight })))
     }
 }

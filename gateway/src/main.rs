@@ -141,7 +141,8 @@ enum Command {
     /// Talk to a running gateway's admin API.
     Ctl {
         /// Admin API address.
-        // `global`: accepted before or after the subcommand (`ctl cells --admin ...`).
+        // `global`: accepted before or after the subcommand (`ctl cells --admin ...`); not
+        // `--cert`/`--key`, which must come before it (`ctl route --key <k>` is the key).
         #[arg(
             long,
             global = true,
@@ -162,10 +163,10 @@ enum Command {
         #[arg(long, global = true, env = "CELLGATE_ADMIN_CA")]
         ca: Option<String>,
         /// mTLS: PEM client certificate chain (with `--key`).
-        #[arg(long, global = true, env = "CELLGATE_ADMIN_CERT", requires = "key")]
+        #[arg(long, env = "CELLGATE_ADMIN_CERT", requires = "key")]
         cert: Option<String>,
         /// mTLS: PEM private key of `--cert`.
-        #[arg(long, global = true, env = "CELLGATE_ADMIN_KEY", requires = "cert")]
+        #[arg(long, env = "CELLGATE_ADMIN_KEY", requires = "cert")]
         key: Option<String>,
         #[command(subcommand)]
         command: cellgate::ctl::CtlCommand,

@@ -430,6 +430,8 @@ pub struct Gateway {
     listeners: Vec<(&'static str, std::net::TcpListener)>,
     certs: Option<Arc<CertReloader>>,
     exe: Option<PathBuf>,
+    /// Pid of the new binary started by SIGUSR2 while it runs (0: none).
+    successor: Arc<std::sync::atomic::AtomicU32>,
     exporter_task: Option<BoxTask>,
     config_digest: Option<u64>,
     control: crate::control::ControlRuntime,
@@ -633,6 +635,7 @@ impl Gateway {
             listeners,
             certs,
             exe: std::env::current_exe().ok(),
+            successor: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             exporter_task,
             config_digest,
             control: boot.runtime,
@@ -704,7 +707,12 @@ impl Gateway {
                 grace_ms = grace.as_millis() as u64,
                 "SIGTERM: draining; no new connections, in-flight requests finish"
             );
-            self.shared.draining.store(true, Ordering::Release);
+            // Draining for good: /readyz says so. Not when a new binary took over the
+            // sockets (it sent the SIGTERM and answers /readyz on the same admin socket:
+            // the address stays ready).
+            if self.successor.load(Ordering::Acquire) == 0 {
+                self.shared.draining.store(true, Ordering::Release);
+            }
             self.lifecycle.start_drain();
             // The workers close their listening sockets as their accept loops end; close
             // this thread's copies too, so new clients are refused at once (a successor, if
@@ -735,13 +743,18 @@ impl Gateway {
             Ok(mut child) => {
                 let pid = child.id();
                 tracing::info!(new_pid = pid, binary = %exe.display(), "SIGUSR2: started the new binary on the same sockets; draining once it serves");
-                std::thread::spawn(move || match child.wait() {
-                    Ok(st) => {
-                        tracing::warn!(new_pid = pid, status = %st, "the new process exited; if it never served, this process keeps serving")
+                self.successor.store(pid, Ordering::Release);
+                let successor = Arc::clone(&self.successor);
+                std::thread::spawn(move || {
+                    match child.wait() {
+                        Ok(st) => {
+                            tracing::warn!(new_pid = pid, status = %st, "the new process exited; if it never served, this process keeps serving")
+                        }
+                        Err(e) => {
+                            tracing::warn!(new_pid = pid, error = %e, "cannot wait for the new process")
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(new_pid = pid, error = %e, "cannot wait for the new process")
-                    }
+                    let _ = successor.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
                 });
             }
             Err(e) => {

@@ -145,6 +145,13 @@ async fn a_binary_upgrade_under_load_fails_no_request() {
         "the new process never took over: {:?}",
         gw.logs.lock().unwrap()
     );
+    // The gateway's address stays ready throughout: the old process, draining, shares the
+    // admin socket with the new one and does not answer 503 on it.
+    let admin = gw.admin_addr.unwrap();
+    for _ in 0..20 {
+        let r = get(admin, "/readyz", &[]).await;
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
     let pids = listening_pids(&gw);
     new_proc.0 = pids.iter().copied().find(|&p| p != old_pid);
     assert!(new_proc.0.is_some(), "no new pid in {pids:?}");

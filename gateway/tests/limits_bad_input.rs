@@ -899,3 +899,35 @@ async fn an_answer_that_stops_midway_is_cut_after_the_idle_timeout() {
     let r = get(gw.addr, "/after", &[("x-user-id", "carol")]).await;
     assert_eq!(r.status, 200, "the gateway serves normally afterwards");
 }
+
+/// The `100 Continue` hyper sends for a request that expects it is not the answer: an
+/// upstream that takes longer than `idle_timeout` (2 s) to answer the upload is waited for
+/// (within the deadline), not cut as a stalled answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_continue_is_not_taken_for_the_answer_starting() {
+    let up = upstream("a", "a-1");
+    fault(up.addr, r#"{"delay_ms": 3000}"#).await;
+    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up.addr)])], LIMITS);
+    let dir = TempDir::new("continue");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(b"hello").await.unwrap();
+    let r = read_all(&mut s, Duration::from_secs(6)).await;
+    assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
+}

@@ -389,4 +389,9 @@ routes:
         took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
         "{took:?}"
     );
+    // The cut request is learnt from too: the deadline rises (to the route's 3 s max), and
+    // the slower upstream is answered again instead of being cut for good.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = get(addr, "/api/x", &[("x-user-id", "alice")]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
 }

@@ -461,6 +461,20 @@ async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificat
         "ctl over mTLS: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `route --key <k>` is the routing key, not the client key given before it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellgate"))
+        .args(["ctl", "--admin", https.as_str(), "--token", "s3cret"])
+        .args(["--ca", ca_s, "--cert", cert_s, "--key", key_s])
+        .args(["route", "--key", "alice"])
+        .env_remove("CELLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl route over mTLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"alice\""));
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"a\""));
     let out = ctl(&["--ca", ca_s]);
     assert!(!out.status.success(), "no client certificate, yet served");

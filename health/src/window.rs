@@ -143,7 +143,9 @@ mod tests {
 }
 
 /// Upper bounds (ms) of the latency bins; the last bin is everything slower.
-pub const LATENCY_BINS_MS: [u64; 11] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000];
+pub const LATENCY_BINS_MS: [u64; 15] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 30_000, 60_000,
+];
 
 #[derive(Debug, Default)]
 struct LatencyBucket {

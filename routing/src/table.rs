@@ -130,10 +130,11 @@ impl Route {
     }
 
     /// Recompute the adaptive deadline from the latencies at `now` (the controller, off the
-    /// request path); none before there are answers.
+    /// request path): none (the route's `timeout`) while the window holds no request.
     pub fn update_adaptive(&self, now: u64) {
         let Some(a) = self.adaptive else { return };
         let Some(p95) = self.latency.p95_ms(now) else {
+            self.latency.set_adaptive_ms(0);
             return;
         };
         let ms = (p95 as f64 * a.factor).round() as u64;

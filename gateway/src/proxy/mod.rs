@@ -741,6 +741,11 @@ async fn proxy(
                 if upstream_timed_out {
                     record(cell, inst, now, Outcome::Timeout, p);
                 }
+                // An adaptive route learns from its cut requests too (at the time they
+                // took), or a deadline below what the upstream now needs would never rise.
+                if let Some(r) = route.filter(|r| r.adaptive.is_some()) {
+                    r.latency.record(now, latency_us);
+                }
                 return give_up(
                     held,
                     request_id,
