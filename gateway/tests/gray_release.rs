@@ -274,3 +274,38 @@ async fn switch_off_audited(gw: &Gateway) -> serde_json::Value {
     }
     panic!("no audit event for the switch-off");
 }
+
+/// A canary that crashes on every request (takes it, then drops the connection without an
+/// answer) hurts users as surely as one answering 503: its ejection trips the guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_dropping_every_request_is_switched_off_by_its_guard() {
+    use tokio::io::AsyncReadExt;
+    let (_a1, a2, yaml) = canary_cell(
+        "admin:\n  token: t0ken\ngray:\n  - { name: canary-all, tag: canary, percent: 50, guard: { max_error_delta: 0.02, min_requests: 50 } }\nhealth:\n  retry: { statuses: [] }\n",
+    );
+    // In a2's place: a listener that reads each request and closes the connection.
+    let crash = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crash_addr = crash.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = crash.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    let yaml = yaml.replace(&a2.addr.to_string(), &crash_addr.to_string());
+    let dir = TempDir::new("guard-crash");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let keys = tagged_keys(&yaml, 20);
+    let load = Load::start(gw.addr, keys, 2, Duration::from_secs(20), &[]);
+    let off = gw
+        .wait_log(
+            "gray rule switched off by its guard",
+            Duration::from_secs(8),
+        )
+        .await;
+    let _ = load.stop().await;
+    assert!(off, "the guard never tripped");
+}

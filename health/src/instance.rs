@@ -18,8 +18,11 @@ pub enum Outcome {
     Status5xx,
     /// The connection was refused (nothing listens).
     Refused,
-    /// Connect timed out or failed otherwise, reset, or closed mid-response.
+    /// Connect timed out or failed otherwise (nothing was sent).
     ConnectFailed,
+    /// The request went out and the connection was reset or closed before an answer (the
+    /// instance crashed on it, say).
+    Reset,
     /// The instance did not answer in time.
     Timeout,
 }
@@ -153,7 +156,10 @@ impl InstanceHealth {
             if cap_ok {
                 self.eject(now, o);
                 self.ejected_for_answers.store(
-                    matches!(outcome, Outcome::Status5xx | Outcome::Timeout),
+                    matches!(
+                        outcome,
+                        Outcome::Status5xx | Outcome::Timeout | Outcome::Reset
+                    ),
                     Ordering::Relaxed,
                 );
                 ejected = true;
@@ -180,7 +186,8 @@ impl InstanceHealth {
         self.ejected_until_ms.load(Ordering::Relaxed) > now
     }
 
-    /// Whether the instance is ejected at `now` for what it answered (5xx, timeouts), not
+    /// Whether the instance is ejected at `now` for what it did with requests (5xx,
+    /// timeouts, requests dropped unanswered), not
     /// for being unreachable (refused or failed connections: down, or restarting).
     pub fn is_ejected_for_answers(&self, now: u64) -> bool {
         self.is_ejected(now) && self.ejected_for_answers.load(Ordering::Relaxed)

@@ -849,7 +849,7 @@ async fn proxy(
                     if e.is_timeout() {
                         Outcome::Timeout
                     } else {
-                        Outcome::ConnectFailed
+                        Outcome::Reset
                     },
                     p,
                 );
