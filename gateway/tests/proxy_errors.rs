@@ -270,6 +270,43 @@ async fn a_deadline_the_client_shortened_does_not_count_against_the_upstream() {
         "ejected by client deadlines"
     );
 
+    // A shortened deadline that left the instance four times its usual latency (p95 of
+    // ~300 ms answers, read as the 500 ms bin) is counted: a hung instance behind
+    // clients that always send one (gRPC, a gateway in front) is still ejected.
+    let yaml10 = config_yaml(
+        &[cell("a", "r1", &[], &[("a-1", up.addr)])],
+        "timeouts: { default: 10s, max: 20s }\n",
+    );
+    std::fs::write(dir.path("e.yaml"), &yaml10).unwrap();
+    let gw10 = Gateway::start(&dir.path("e.yaml"));
+    for _ in 0..5 {
+        let r = get(gw10.addr, "/", &[("x-user-id", "alice")]).await;
+        assert_eq!(r.status, 200);
+    }
+    fault(up.addr, r#"{"delay_ms": 5000}"#).await;
+    let hung: Vec<_> = (0..5)
+        .map(|_| {
+            let addr = gw10.addr;
+            tokio::spawn(async move {
+                get(
+                    addr,
+                    "/",
+                    &[("x-user-id", "alice"), ("x-timeout", "2500ms")],
+                )
+                .await
+            })
+        })
+        .collect();
+    for h in hung {
+        assert_eq!(h.await.unwrap().status, 504);
+    }
+    assert!(
+        gw10.wait_log("instance ejected", Duration::from_secs(5))
+            .await,
+        "a hung instance behind generous client deadlines was not ejected"
+    );
+    fault(up.addr, r#"{"delay_ms": 300}"#).await;
+
     // The same upstream past the route's own deadline is counted: ejected after five.
     let yaml = config_yaml(
         &[cell("a", "r1", &[], &[("a-1", up.addr)])],

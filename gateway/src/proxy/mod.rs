@@ -549,9 +549,9 @@ async fn proxy(
         .map_err(|m| (ProxyError::BadRequest(m), None))?;
     let deadline = started + budget;
     // A deadline the client made shorter than the route's default says nothing about the
-    // upstream when it runs out: it is not held against the instance's or the cell's
-    // health (else any client could eject instances, or fail a cell over, with
-    // `X-Timeout: 1ms`).
+    // upstream when it runs out, unless it was generous for the instance (below): it is not
+    // held against the instance's or the cell's health (else any client could eject
+    // instances, or fail a cell over, with `X-Timeout: 1ms`).
     let upstream_timed_out = budget >= timeouts.default;
     let h2_for = |c: &cellgate_routing::Cell| -> Result<bool, ProxyError> {
         c.protocol.uses_h2(grpc).ok_or_else(|| {
@@ -738,7 +738,15 @@ async fn proxy(
         let outcome = match outcome {
             Ok(o) => o,
             Err(_) => {
-                if upstream_timed_out {
+                // A shortened deadline still counts when it left the instance four times
+                // its usual (p95) latency: a hung instance is seen through traffic that
+                // always sends one (gRPC clients, a gateway in front forwarding X-Timeout).
+                if upstream_timed_out || {
+                    let mut bins = [0u64; cellgate_health::LATENCY_BINS_MS.len() + 1];
+                    inst.health.add_latency_bins(now, &mut bins);
+                    cellgate_health::quantile_ms(&bins, 0.95)
+                        .is_some_and(|p95| budget.as_millis() as u64 >= 4 * p95)
+                } {
                     record(cell, inst, now, Outcome::Timeout, p);
                 }
                 // An adaptive route learns from its cut requests too (at the time they
