@@ -30,12 +30,12 @@ pub enum KeyError {
     /// A JWT was present but could not be used.
     #[error("routing key from JWT: {0}")]
     Jwt(String),
-    /// The key's header, cookie or query parameter was sent more than once with different
-    /// values: routing by one while the upstream reads another would send a user's request
-    /// to someone else's cell.
+    /// The key's header or query parameter was sent more than once with different values:
+    /// routing by one while the upstream reads another would send a user's request to
+    /// someone else's cell.
     #[error("routing key {source_name} is sent more than once with different values")]
     Ambiguous {
-        /// The source, as "header x-user-id", "cookie uid" or "query parameter uid".
+        /// The source, as "header x-user-id" or "query parameter uid".
         source_name: String,
     },
 }

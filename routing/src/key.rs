@@ -245,7 +245,7 @@ impl KeySources {
                     }
                     Some(Cow::Borrowed(trim_bytes(v.as_bytes())))
                 }
-                KeySource::Cookie(name) => find_cookie(headers, name)?.map(Cow::Borrowed),
+                KeySource::Cookie(name) => find_cookie(headers, name).map(Cow::Borrowed),
                 KeySource::Query(name) => match uri.query() {
                     Some(q) => find_query(q, name)?,
                     None => None,
@@ -316,9 +316,10 @@ fn trim_bytes(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-/// The cookie `name`'s value; the same cookie twice with different values is ambiguous.
-fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a [u8]>, KeyError> {
-    let mut found: Option<&'a [u8]> = None;
+/// The cookie `name`'s value: the first one sent. Browsers send one name more than once
+/// when cookies of different paths or domains match, the most specific first (RFC 6265
+/// §5.4), so a repeat is not refused.
+fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     for value in headers.get_all(COOKIE) {
         for pair in value.as_bytes().split(|&c| c == b';') {
             let pair = trim_bytes(pair);
@@ -331,18 +332,11 @@ fn find_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a [u8]
                     .strip_prefix(b"\"")
                     .and_then(|v| v.strip_suffix(b"\""))
                     .unwrap_or(v);
-                match found {
-                    Some(f) if f != v => {
-                        return Err(KeyError::Ambiguous {
-                            source_name: format!("cookie {name}"),
-                        })
-                    }
-                    _ => found = Some(v),
-                }
+                return Some(v);
             }
         }
     }
-    Ok(found)
+    None
 }
 
 /// The query parameter `name`'s value; the same parameter twice with different values is
@@ -583,16 +577,17 @@ mod tests {
     }
 
     #[test]
-    fn a_key_cookie_or_query_parameter_sent_twice_with_different_values_is_refused() {
+    fn a_key_query_parameter_sent_twice_with_different_values_is_refused() {
         let s = KeySources::new(vec![
             KeySource::Cookie("uid".into()),
             KeySource::Query("uid".into()),
         ]);
+        // A cookie name sent twice (paths or domains that both match): the first, the
+        // most specific, as browsers order them.
         let (u, h) = req("/", &[("cookie", "uid=alice; theme=dark; uid=bob")]);
-        let e = s.extract(&u, &h).expect_err("ambiguous");
-        assert!(e.to_string().contains("cookie uid"), "{e}");
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
         let (u, h) = req("/", &[("cookie", "uid=alice"), ("cookie", "uid=bob")]);
-        assert!(matches!(s.extract(&u, &h), Err(KeyError::Ambiguous { .. })));
+        assert_eq!(s.extract(&u, &h).expect("ok").as_deref(), Some("alice"));
         let (u, h) = req("/?uid=alice&x=1&uid=bob", &[]);
         let e = s.extract(&u, &h).expect_err("ambiguous");
         assert!(e.to_string().contains("query parameter uid"), "{e}");
