@@ -151,8 +151,8 @@ pub enum Balance {
     #[default]
     RoundRobin,
     /// Key affinity: the routing key is hashed onto a consistent-hash ring of the cell's
-    /// instances (nginx's `hash ... consistent`, ketama), so a key keeps its instance while
-    /// it is available; an unavailable one's keys go to the next instance on the ring.
+    /// instances (ketama, built from their names), so a key keeps its instance while it is
+    /// available; an unavailable one's keys go to the next instance on the ring.
     /// Keyless requests use round robin.
     KeyAffinity,
 }
@@ -162,23 +162,25 @@ pub struct KeyRing {
     ring: pingora_ketama::Continuum,
     /// Instances on the ring (weight above 0).
     on_ring: usize,
-    /// Instance index of each ring address.
-    addrs: Vec<(std::net::SocketAddr, usize)>,
+    /// The ring's point of each instance, sorted, with the instance's index.
+    points: Vec<(std::net::SocketAddr, usize)>,
 }
 
 impl std::fmt::Debug for KeyRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyRing")
-            .field("instances", &self.addrs.len())
+            .field("instances", &self.points.len())
             .finish()
     }
 }
 
 impl KeyRing {
-    /// Points per weight unit are nginx's (160). Weights are divided by their greatest
-    /// common divisor (equal weights become 1 each, as nginx's default `weight=1`, so the
-    /// ring is the one nginx builds for the same servers) and scaled down to at most 10,
-    /// so a ring stays at most 1,600 points per instance whatever the configured weights.
+    /// The ring is built from the instances' names, not their resolved addresses: every
+    /// gateway of a fleet builds the same ring from the same configuration (whatever its
+    /// resolver says), a DNS change moves no key, and two instances behind one address
+    /// are two instances. Points per weight unit are nginx's (160); weights are divided by
+    /// their greatest common divisor and scaled down to at most 10, so a ring stays at most
+    /// 1,600 points per instance whatever the configured weights.
     fn new(instances: &[Instance]) -> Self {
         fn gcd(a: u32, b: u32) -> u32 {
             if b == 0 {
@@ -187,6 +189,13 @@ impl KeyRing {
                 gcd(b, a % b)
             }
         }
+        // A stable stand-in address per name (the ring hashes an address's text).
+        let point = |name: &str| {
+            std::net::SocketAddr::from((
+                std::net::Ipv6Addr::from(xxhash_rust::xxh3::xxh3_128(name.as_bytes())),
+                0,
+            ))
+        };
         let g = instances.iter().map(|i| i.weight).fold(0, gcd).max(1);
         let max = instances
             .iter()
@@ -204,17 +213,19 @@ impl KeyRing {
                 } else {
                     w
                 };
-                pingora_ketama::Bucket::new(i.addr, w.clamp(1, 10) as u32)
+                pingora_ketama::Bucket::new(point(&i.name), w.clamp(1, 10) as u32)
             })
             .collect();
+        let mut points: Vec<(std::net::SocketAddr, usize)> = instances
+            .iter()
+            .enumerate()
+            .map(|(i, inst)| (point(&inst.name), i))
+            .collect();
+        points.sort_unstable();
         Self {
             on_ring: buckets.len(),
             ring: pingora_ketama::Continuum::new(&buckets),
-            addrs: instances
-                .iter()
-                .enumerate()
-                .map(|(i, inst)| (inst.addr, i))
-                .collect(),
+            points,
         }
     }
 
@@ -226,7 +237,13 @@ impl KeyRing {
         n: usize,
         mut take: impl FnMut(usize) -> bool,
     ) -> Option<usize> {
-        let mut seen = 0u64;
+        // Instances looked at: a word on the stack for small cells.
+        let mut small = 0u64;
+        let mut big = if n > 64 {
+            vec![0u64; n.div_ceil(64)]
+        } else {
+            Vec::new()
+        };
         let mut distinct = 0;
         // Every instance is on the ring at most 1,600 times: a bound for the walk.
         for addr in self
@@ -234,15 +251,18 @@ impl KeyRing {
             .node_iter(key)
             .take(n.saturating_mul(1_600).max(1))
         {
-            let Some(&(_, i)) = self.addrs.iter().find(|(a, _)| a == addr) else {
+            let Ok(at) = self.points.binary_search_by(|(a, _)| a.cmp(addr)) else {
                 continue;
             };
-            if i < 64 {
-                if seen & (1 << i) != 0 {
-                    continue;
-                }
-                seen |= 1 << i;
+            let i = self.points[at].1;
+            let (word, bit) = match big.get_mut(i / 64) {
+                Some(w) => (w, 1u64 << (i % 64)),
+                None => (&mut small, 1u64 << (i % 64)),
+            };
+            if *word & bit != 0 {
+                continue;
             }
+            *word |= bit;
             if take(i) {
                 return Some(i);
             }

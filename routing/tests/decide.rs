@@ -483,3 +483,58 @@ fn below_the_panic_threshold_ejected_instances_share_the_load_by_base_weight() {
     let t = build(&health, &policy);
     assert_eq!(count(&t), [0, 0, 0, 4_000]);
 }
+
+/// Key affinity: a key's instance depends on the instances' names, not their addresses
+/// (every gateway of a fleet picks the same, whatever its resolver says); in a cell of more
+/// than 64 instances, a key whose instances are all unavailable but one still finds that
+/// one.
+#[test]
+fn key_affinity_is_by_name_and_walks_past_64_instances() {
+    let health = HealthRegistry::new();
+    let ring_cell = |n: u16, port_base: u16| CellSpec {
+        balance: cellgate_routing::Balance::KeyAffinity,
+        instances: (0..n)
+            .map(|i| inst(&format!("i-{i}"), port_base + i))
+            .collect(),
+        ..spec("c0", "r1", CellState::Active, &[])
+    };
+    let table = |n: u16, port_base: u16| {
+        TableBuilder::new(1, 16384)
+            .region("r1")
+            .cell(ring_cell(n, port_base))
+            .build(&health)
+            .unwrap()
+    };
+    let (a, b) = (table(5, 2000), table(5, 3000));
+    let mut wrr = cellgate_routing::SmoothWrr::default();
+    let mut spread = std::collections::BTreeSet::new();
+    for k in 0..200 {
+        let key = format!("user-{k}");
+        let pa = a.pick_instance(0, None, &mut wrr, 1, 0, Some(key.as_bytes()));
+        let pb = b.pick_instance(0, None, &mut wrr, 1, 0, Some(key.as_bytes()));
+        assert_eq!(pa, pb, "key {key}: the ring follows names, not addresses");
+        // And the same again: no round-robin state is involved.
+        assert_eq!(
+            pa,
+            a.pick_instance(0, None, &mut wrr, 1, 0, Some(key.as_bytes()))
+        );
+        spread.insert(pa.unwrap());
+    }
+    assert_eq!(spread.len(), 5, "keys spread over every instance");
+    // 100 instances, only the last one tagged `x`: a tagged request's walk reaches it
+    // (past every other instance's 160 points), for every key.
+    let mut big = ring_cell(100, 4000);
+    big.instances[99]
+        .labels
+        .insert("gray".to_owned(), "x".to_owned());
+    let big = TableBuilder::new(1, 16384)
+        .region("r1")
+        .cell(big)
+        .build(&health)
+        .unwrap();
+    for k in 0..50 {
+        let key = format!("user-{k}");
+        let p = big.pick_instance(0, Some("x"), &mut wrr, 1, 0, Some(key.as_bytes()));
+        assert_eq!(p, Some(99), "key {key}");
+    }
+}

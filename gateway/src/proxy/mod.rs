@@ -622,9 +622,10 @@ async fn proxy(
         let picked = if serving || !sent_any {
             // Key affinity needs the key again (only for such cells: the hot path keeps
             // no copy of it).
-            let key = match cell.ring {
-                Some(_) => routing_key(table, &req, &replay),
-                None => None,
+            let key = match (&cell.ring, &routed.affinity_key) {
+                (Some(_), Some(k)) => Some(Cow::Borrowed(&**k)),
+                (Some(_), None) => routing_key(table, &req, &replay),
+                (None, _) => None,
             };
             worker.pick(
                 table,

@@ -15,6 +15,9 @@ pub struct Routed {
     pub decision: Decision,
     /// The gray tag, if any (as sent upstream).
     pub gray: Option<HeaderValue>,
+    /// The routing key, kept only when the chosen cell picks its instance by key
+    /// (key affinity), so it is not extracted (a JWT not verified) again per attempt.
+    pub affinity_key: Option<Box<str>>,
 }
 
 impl Routed {
@@ -70,7 +73,15 @@ pub fn route(
             .gray_rule(key.as_deref(), decision.cell, headers)
             .map(|r| r.tag_header.clone()),
     };
-    Ok(Routed { decision, gray })
+    let affinity_key = match (&key, table.cell(decision.cell)) {
+        (Some(k), Some(c)) if c.ring.is_some() => Some(Box::from(&**k)),
+        _ => None,
+    };
+    Ok(Routed {
+        decision,
+        gray,
+        affinity_key,
+    })
 }
 
 /// The gray tag as text, for instance selection.
