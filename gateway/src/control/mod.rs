@@ -889,9 +889,10 @@ pub async fn apply_file(shared: &Arc<Shared>, file: Config) -> Result<u64, Strin
 /// A file without a `slots` section splits the slots evenly in cell order, so adding,
 /// removing or reordering cells would move most keys (SPEC §4: adding a cell moves none).
 /// When the configuration serving now had that implicit split too (no overlay slot table)
-/// and the new file's would differ, every slot whose cell is still there stays with it and
-/// only the slots of removed cells take the new split's owner: the result is set as
-/// `overlay.slots`. Returns how many slots were kept from moving.
+/// and the new file's would differ, every slot whose cell is still there stays with it; a
+/// removed cell's slots go to its first failover target still there (where its keys were
+/// failing over to), else to the new split's owner. The result is set as `overlay.slots`.
+/// Returns how many slots were kept from moving.
 fn pin_implicit_slots(prev: &Config, file: &Config, overlay: &mut AdminOverlay) -> Option<usize> {
     use cellgate_config::mutate::{slot_assignments, slot_owners};
     if overlay.slots.is_some()
@@ -902,20 +903,29 @@ fn pin_implicit_slots(prev: &Config, file: &Config, overlay: &mut AdminOverlay) 
         return None;
     }
     let (old, new) = (slot_owners(prev).ok()?, slot_owners(file).ok()?);
+    let index_of = |id: &str| file.cells.iter().position(|c| c.id == id);
     let mut kept = 0;
     let owners: Vec<usize> = old
         .iter()
         .zip(&new)
         .map(|(&o, &n)| {
-            let id = &prev.cells.get(o)?.id;
-            let i = file.cells.iter().position(|c| &c.id == id)?;
-            if i != n {
-                kept += 1;
+            let Some(was) = prev.cells.get(o) else {
+                return n;
+            };
+            match index_of(&was.id) {
+                Some(i) => {
+                    if i != n {
+                        kept += 1;
+                    }
+                    i
+                }
+                None => was
+                    .effective_failover()
+                    .iter()
+                    .find_map(|f| index_of(f))
+                    .unwrap_or(n),
             }
-            Some(i)
         })
-        .zip(&new)
-        .map(|(kept_owner, &n)| kept_owner.unwrap_or(n))
         .collect();
     if kept == 0 {
         return None;
@@ -1119,4 +1129,54 @@ pub async fn mutate(
         "admin change applied"
     );
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(cells: &[(&str, &str)]) -> Config {
+        let mut y = String::from("regions: [r1]\ncells:\n");
+        for (id, failover) in cells {
+            y.push_str(&format!(
+                "  - {{ id: {id}, region: r1, failover: [{failover}], instances: [ {{ name: {id}-1, addr: \"127.0.0.1:9\" }} ] }}\n"
+            ));
+        }
+        Config::from_yaml(&y).unwrap()
+    }
+
+    fn owners(c: &Config, o: &AdminOverlay) -> Vec<String> {
+        let mut c = c.clone();
+        c.slots = o.slots.clone().unwrap_or_default();
+        cellgate_config::mutate::slot_owners(&c)
+            .unwrap()
+            .into_iter()
+            .map(|i| c.cells[i].id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn cells_added_or_removed_without_a_slots_section_keep_the_other_cells_slots() {
+        let four = cfg(&[("a", ""), ("b", ""), ("c", ""), ("d", "c")]);
+        let before = owners(&four, &AdminOverlay::default());
+        // Adding a cell, first: every slot keeps its cell; the new cell gets none.
+        let five = cfg(&[("n", ""), ("a", ""), ("b", ""), ("c", ""), ("d", "c")]);
+        let mut o = AdminOverlay::default();
+        assert!(pin_implicit_slots(&four, &five, &mut o).is_some());
+        assert_eq!(owners(&five, &o), before);
+        // Removing d: a, b and c keep theirs; d's go to its failover target c.
+        let three = cfg(&[("a", ""), ("b", ""), ("c", "")]);
+        let mut o = AdminOverlay::default();
+        assert!(pin_implicit_slots(&four, &three, &mut o).is_some());
+        let after = owners(&three, &o);
+        for (s, (b, a)) in before.iter().zip(&after).enumerate() {
+            let want = if b == "d" { "c" } else { b.as_str() };
+            assert_eq!(a, want, "slot {s}");
+        }
+        // The same cells: nothing to pin.
+        let mut o = AdminOverlay::default();
+        assert!(pin_implicit_slots(&four, &four.clone(), &mut o).is_none());
+        assert!(o.slots.is_none());
+    }
 }
