@@ -74,8 +74,8 @@ pub enum StoreError {
     /// The request itself is wrong (for example pushing over an existing configuration).
     #[error("{0}")]
     Refused(String),
-    /// A transaction was sent and no answer came back, nor can etcd be asked now whether
-    /// it was applied.
+    /// A transaction was sent and no answer came back, and its audit record is not (yet)
+    /// there to say it was applied.
     #[error("etcd did not answer the change ({message}); it may have been applied: audit record {audit_id} (GET /admin/audit) is there if it was — re-read before retrying")]
     Indeterminate {
         /// The change's audit record id, written only by its transaction.
@@ -443,20 +443,20 @@ impl EtcdStore {
         let resp = match resp {
             Ok(r) => r,
             // The transaction may have been applied with every answer lost: our audit
-            // record says so. Asked once; if etcd cannot answer that either, the outcome is
-            // unknown and the error says how to find out.
+            // record says so. Asked once; without it the outcome is still unknown (a
+            // transaction sent may yet be applied, and etcd may not answer at all), and the
+            // error says how to find out.
             Err(e) => {
                 let key = self.key(&audit_rel);
-                return match timed(self, "get", c.get(key, None)).await {
-                    Ok(r) => match r.kvs().first() {
-                        Some(kv) => Ok(kv.mod_revision()),
-                        None => Err(e),
-                    },
-                    Err(_) => Err(StoreError::Indeterminate {
-                        audit_id: audit.id.clone(),
-                        message: e.to_string(),
-                    }),
-                };
+                if let Ok(r) = timed(self, "get", c.get(key, None)).await {
+                    if let Some(kv) = r.kvs().first() {
+                        return Ok(kv.mod_revision());
+                    }
+                }
+                return Err(StoreError::Indeterminate {
+                    audit_id: audit.id.clone(),
+                    message: e.to_string(),
+                });
             }
         };
         if resp.succeeded() {
