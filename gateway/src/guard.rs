@@ -83,6 +83,21 @@ fn target_len(uri: &http::Uri) -> usize {
 
 /// The first rule `req` breaks, if any.
 fn check(req: &Request<Incoming>, l: &RequestLimits, seen: Seen) -> Option<ProxyError> {
+    // Tunnels are not proxied: said so, instead of a broken tunnel or a silent downgrade.
+    if req.method() == http::Method::CONNECT {
+        return Some(ProxyError::MethodNotAllowed(
+            "CONNECT is not proxied: cellgate is a reverse proxy, not a tunnel".into(),
+        ));
+    }
+    if let Some(u) = seen.get(req.headers(), Seen::UPGRADE, http::header::UPGRADE) {
+        // `h2c` is an offer hyper declines by answering over HTTP/1.1, which is right.
+        if !u.as_bytes().eq_ignore_ascii_case(b"h2c") {
+            return Some(ProxyError::NotImplemented(format!(
+                "protocol upgrades ({}) are not proxied; use HTTP/1.1, HTTP/2 or gRPC",
+                String::from_utf8_lossy(u.as_bytes())
+            )));
+        }
+    }
     let len = target_len(req.uri());
     if len > l.max_uri {
         return Some(ProxyError::UriTooLong {

@@ -931,3 +931,32 @@ async fn a_100_continue_is_not_taken_for_the_answer_starting() {
     let r = read_all(&mut s, Duration::from_secs(6)).await;
     assert!(r.text.starts_with("HTTP/1.1 200"), "{:?}", r.text);
 }
+
+/// Tunnels are not proxied, and the client is told: CONNECT is a 405, a WebSocket (or
+/// other) upgrade a 501, each with a JSON error; an `Upgrade: h2c` offer is answered over
+/// HTTP/1.1 as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_protocol_upgrades_are_refused_with_a_clear_answer() {
+    let f = start(LIMITS);
+    let r = raw(
+        f.gw.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nX-User-ID: alice\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status(), "405", "{:?}", r.text);
+    assert!(r.text.contains("not a tunnel"), "{:?}", r.text);
+    let r = raw(
+        f.gw.addr,
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status(), "501", "{:?}", r.text);
+    assert!(r.text.contains("websocket"), "{:?}", r.text);
+    let r = raw(
+        f.gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status(), "200", "{:?}", r.text);
+    still_serves(f.gw.addr).await;
+}

@@ -45,6 +45,12 @@ pub enum ProxyError {
     /// The gateway is at a capacity limit, e.g. `limits.max_connections` (503).
     #[error("{0}")]
     Overloaded(String),
+    /// A method the gateway does not proxy, `CONNECT` (405).
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// A protocol upgrade the gateway does not proxy, e.g. WebSocket (501).
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 impl ProxyError {
@@ -60,6 +66,8 @@ impl ProxyError {
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -73,6 +81,7 @@ impl ProxyError {
             Self::PayloadTooLarge(_) | Self::HeadersTooLarge(_) => "8", // RESOURCE_EXHAUSTED
             Self::UriTooLong { .. } => "3",  // INVALID_ARGUMENT
             Self::Overloaded(_) => "14",     // UNAVAILABLE
+            Self::MethodNotAllowed(_) | Self::NotImplemented(_) => "12", // UNIMPLEMENTED
         }
     }
 

@@ -56,6 +56,8 @@ impl Seen {
     pub const CONTENT_LENGTH: u16 = 1 << 10;
     /// `Transfer-Encoding`.
     pub const TRANSFER_ENCODING: u16 = 1 << 11;
+    /// `Upgrade`.
+    pub const UPGRADE: u16 = 1 << 12;
 
     /// Look at every name of `headers` once.
     pub fn scan(headers: &http::HeaderMap) -> Self {
@@ -74,6 +76,7 @@ impl Seen {
                 "x-forwarded-for" => Self::FORWARDED_FOR,
                 "content-length" => Self::CONTENT_LENGTH,
                 "transfer-encoding" => Self::TRANSFER_ENCODING,
+                "upgrade" => Self::UPGRADE,
                 _ => 0,
             };
         }
