@@ -68,6 +68,10 @@ pub const MAX_CONN_BUF: usize = 64 * 1024;
 /// before its hyper state is dropped until the client sends again.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
+/// How often an HTTP/2 client connection is pinged, and how long its answer may take.
+const CLIENT_H2_PING_EVERY: Duration = Duration::from_secs(30);
+const CLIENT_H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How often a draining connection looks whether a request arrived.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
 
@@ -664,7 +668,10 @@ async fn serve_h2<S>(
         .max_header_list_size(u32::try_from(lim.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(lim.h2_max_pending_accept_reset_streams)
         .max_local_error_reset_streams(lim.h2_max_local_error_reset_streams)
-        .keep_alive_interval(None);
+        // A client gone without a word while its streams are quiet (a watch, server-sent
+        // events) does not hold its connection and their upstream streams forever.
+        .keep_alive_interval(Some(CLIENT_H2_PING_EVERY))
+        .keep_alive_timeout(CLIENT_H2_PING_TIMEOUT);
     let conn = b.serve_connection(TokioIo::new(io), guard);
     let mut conn = std::pin::pin!(conn);
     let _ = drive(&mut conn, &act, settings, &drain, true).await;

@@ -243,6 +243,10 @@ pub async fn send(
     }
 }
 
+/// How often a pooled HTTP/2 upstream connection is pinged, and how long its answer may take.
+const H2_PING_EVERY: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A new h2c (or h2 over TLS) connection to `addr`, its connection task running on this
 /// worker.
 async fn connect_h2(
@@ -253,6 +257,12 @@ async fn connect_h2(
     let stream = connect::open(addr, timeout, tls, true).await?;
     let (sender, conn) = http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())
+        // A pooled connection whose path died without a reset (a partition, a frozen
+        // middlebox) is found out and closed, so the next request opens a new one
+        // instead of waiting on it until its deadline.
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
