@@ -60,6 +60,9 @@ pub struct Shared {
     /// The gateway is draining (SIGTERM): `/readyz` answers 503 so load balancers stop
     /// sending to it.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Set when a new binary took over the sockets and this process drains: its admin
+    /// listener stops accepting (the new process answers on the same socket).
+    pub admin_handed_over: tokio::sync::watch::Sender<bool>,
     /// Shedding limits by SLO class.
     pub shedding: SheddingLimits,
     /// Recent cell switches (newest last), for operators.
@@ -180,6 +183,7 @@ impl Shared {
             writer: tokio::sync::Mutex::new(TableWriter::new(config)),
             in_flight: AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            admin_handed_over: tokio::sync::watch::Sender::new(false),
             shedding,
             switches: std::sync::Mutex::new(std::collections::VecDeque::new()),
             metrics: crate::metrics::Metrics::default(),
@@ -712,6 +716,8 @@ impl Gateway {
             // the address stays ready).
             if self.successor.load(Ordering::Acquire) == 0 {
                 self.shared.draining.store(true, Ordering::Release);
+            } else {
+                self.shared.admin_handed_over.send_replace(true);
             }
             self.lifecycle.start_drain();
             // The workers close their listening sockets as their accept loops end; close

@@ -169,15 +169,38 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `/admin/*` is refused on a TLS connection without a client certificate.
 /// Accept errors are logged and retried; a failed or timed-out handshake only drops its
 /// connection.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Router) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    mut handed_over: tokio::sync::watch::Receiver<bool>,
+) {
+    // Once a new binary serves on the same socket, this (draining) process stops taking
+    // admin connections: every probe gets the new process's answer, none a connection cut
+    // by this one exiting.
+    let stop = async move {
+        let _ = handed_over.wait_for(|&h| h).await;
+        tracing::info!(
+            listener = "admin",
+            "the new process serves the admin API; this one stops accepting"
+        );
+    };
     let Some(acceptor) = tls else {
-        if let Err(e) = axum::serve(listener, router).await {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             tracing::error!(error = %e, "admin API stopped");
         }
         return;
     };
+    let mut stop = std::pin::pin!(stop);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

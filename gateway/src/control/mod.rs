@@ -789,7 +789,12 @@ pub fn start(
         handle.spawn(crate::server::watch_certs("admin", certs, watch_interval));
         tokio_rustls::TlsAcceptor::from(cfg)
     });
-    handle.spawn(crate::admin::serve(listener, acceptor, router));
+    handle.spawn(crate::admin::serve(
+        listener,
+        acceptor,
+        router,
+        shared.admin_handed_over.subscribe(),
+    ));
     if shared.control.is_etcd() {
         handle.spawn(etcd_sync::run(Arc::clone(shared)));
         handle.spawn(etcd_sync::fleet(Arc::clone(shared)));
