@@ -723,7 +723,8 @@ impl Gateway {
             // The workers close their listening sockets as their accept loops end; close
             // this thread's copies too, so new clients are refused at once (a successor, if
             // any, holds its own) instead of waiting in the backlog until the process
-            // exits. The admin listener stays, to watch the drain.
+            // exits. The admin listener stays, to watch the drain (unless a new binary took
+            // over: then it answers there).
             self.listeners.retain(|(name, _)| *name == "admin");
             if self.lifecycle.wait_idle(grace).await {
                 tracing::info!("drained; exiting");
