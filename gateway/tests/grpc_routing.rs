@@ -208,3 +208,20 @@ async fn grpc_failures_eject(failing: &str) {
         "five UNAVAILABLE answers did not count"
     );
 }
+
+/// A gRPC call without a deadline gets none upstream: a stream runs past the route's
+/// default deadline (which bounds only the wait for the answer's head), instead of being
+/// ended by a `grpc-timeout` the client never asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_without_a_deadline_outlives_the_default_one() {
+    let server = grpc_server("g-1");
+    let yaml = config_yaml(
+        &[cell("g-1", "r1", &[], &[("g-1-a", server.addr)])],
+        "timeouts: { default: 1s, max: 2s }\n",
+    );
+    let dir = TempDir::new("grpc-long");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let codes = grpc_calls(gw.addr, "alice", "StreamSlow", 1);
+    assert_eq!(codes, ["OK"], "a 1.6 s stream with a 1 s default deadline");
+}

@@ -717,7 +717,7 @@ async fn proxy(
         else {
             break;
         };
-        shape::set_remaining(r.headers_mut(), rem, grpc);
+        shape::set_remaining(r.headers_mut(), rem);
         // Counted down on drop: a client that goes away mid-attempt (an h2 RST_STREAM, a
         // closed HTTP/1.1 connection) drops this future at the await below.
         let attempt_in_flight = AttemptInFlight::new(inst, cell);

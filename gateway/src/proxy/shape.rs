@@ -9,7 +9,7 @@ use http::header::{HeaderName, COOKIE, HOST, TE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Uri};
 
-use super::deadline::{remaining_grpc_timeout, remaining_x_timeout};
+use super::deadline::remaining_x_timeout;
 use super::headers::*;
 use super::ids::unindexed;
 use super::ConnInfo;
@@ -202,12 +202,13 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Write the remaining budget (`X-Timeout`, and `grpc-timeout` for gRPC).
-pub fn set_remaining(headers: &mut HeaderMap, rem: Duration, grpc: bool) {
+/// Write the remaining budget (`X-Timeout`). A gRPC request's `grpc-timeout` is left as
+/// the client sent it, or absent: it is the deadline of the whole call (a stream may run
+/// for as long as the client allows), while the gateway's budget bounds only the wait for
+/// the answer's head; putting the budget there would end streams the client meant to run
+/// on (at the route's default when the client sent none, at its cap when it sent more).
+pub fn set_remaining(headers: &mut HeaderMap, rem: Duration) {
     headers.insert(X_TIMEOUT, remaining_x_timeout(rem));
-    if grpc {
-        headers.insert(GRPC_TIMEOUT, remaining_grpc_timeout(rem));
-    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,13 @@ def serve(cell):
     def unavailable(req, ctx):
         ctx.abort(grpc.StatusCode.UNAVAILABLE, "overloaded " + cell)
 
+    def slow_stream(req, ctx):
+        import time
+        for i in range(3):
+            if i:
+                time.sleep(0.8)
+            yield json.dumps({"i": i, "time_remaining": ctx.time_remaining()}).encode()
+
     def stream_then_unavailable(req, ctx):
         yield b"{}"
         ctx.abort(grpc.StatusCode.UNAVAILABLE, "lost its backend mid-stream " + cell)
@@ -50,6 +57,7 @@ def serve(cell):
     handler = grpc.method_handlers_generic_handler(SERVICE, {
         "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
         "StreamThenUnavailable": grpc.unary_stream_rpc_method_handler(stream_then_unavailable),
+        "StreamSlow": grpc.unary_stream_rpc_method_handler(slow_stream),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
@@ -92,7 +100,7 @@ def call_n(target, key, method, n):
         m = (ch.unary_stream if streaming else ch.unary_unary)("/%s/%s" % (SERVICE, method))
         for _ in range(n):
             try:
-                r = m(b"x", metadata=md, timeout=10)
+                r = m(b"x", metadata=md, timeout=None if method == "StreamSlow" else 10)
                 if streaming:
                     list(r)
                 codes.append("OK")
