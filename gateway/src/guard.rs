@@ -178,7 +178,13 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
             };
         }
         let (parts, body) = req.into_parts();
-        let req = Request::from_parts(parts, RequestBody::new(body, self.limits.max_body));
+        // A gRPC request's body is a stream of messages, as long as the call runs: the body
+        // limit would end a long client stream; its messages' size is the server's to limit.
+        let grpc = seen
+            .get(&parts.headers, Seen::CONTENT_TYPE, CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let limit = if grpc { u64::MAX } else { self.limits.max_body };
+        let req = Request::from_parts(parts, RequestBody::new(body, limit));
         GuardFuture {
             state: State::Proxy(self.proxy.call_scanned(req, seen)),
             inflight: Some(inflight),

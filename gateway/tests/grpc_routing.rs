@@ -225,3 +225,19 @@ async fn a_grpc_stream_without_a_deadline_outlives_the_default_one() {
     let codes = grpc_calls(gw.addr, "alice", "StreamSlow", 1);
     assert_eq!(codes, ["OK"], "a 1.6 s stream with a 1 s default deadline");
 }
+
+/// A gRPC client stream is not cut at `limits.max_body_bytes` (8 KiB of messages against a
+/// 1 KiB limit here): its body lasts as long as the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_stream_is_not_held_to_the_body_limit() {
+    let server = grpc_server("g-1");
+    let yaml = config_yaml(
+        &[cell("g-1", "r1", &[], &[("g-1-a", server.addr)])],
+        "limits: { max_body_bytes: 1024 }\n",
+    );
+    let dir = TempDir::new("grpc-stream-limit");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let codes = grpc_calls(gw.addr, "alice", "Collect", 2);
+    assert_eq!(codes, ["OK", "OK"]);
+}

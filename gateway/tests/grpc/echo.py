@@ -50,6 +50,9 @@ def serve(cell):
                 time.sleep(0.8)
             yield json.dumps({"i": i, "time_remaining": ctx.time_remaining()}).encode()
 
+    def collect(reqs, ctx):
+        return json.dumps({"messages": sum(1 for _ in reqs)}).encode()
+
     def stream_then_unavailable(req, ctx):
         yield b"{}"
         ctx.abort(grpc.StatusCode.UNAVAILABLE, "lost its backend mid-stream " + cell)
@@ -58,6 +61,7 @@ def serve(cell):
         "Unavailable": grpc.unary_unary_rpc_method_handler(unavailable),
         "StreamThenUnavailable": grpc.unary_stream_rpc_method_handler(stream_then_unavailable),
         "StreamSlow": grpc.unary_stream_rpc_method_handler(slow_stream),
+        "Collect": grpc.stream_unary_rpc_method_handler(collect),
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(stream),
         "Fail": grpc.unary_unary_rpc_method_handler(fail),
@@ -97,6 +101,16 @@ def call_n(target, key, method, n):
     codes = []
     with grpc.insecure_channel(target) as ch:
         streaming = method.startswith("Stream")
+        if method == "Collect":
+            m = ch.stream_unary("/%s/Collect" % SERVICE)
+            for _ in range(n):
+                try:
+                    m(iter([b"x" * 1024] * 8), metadata=md, timeout=10)
+                    codes.append("OK")
+                except grpc.RpcError as e:
+                    codes.append(e.code().name)
+            print(json.dumps(codes), flush=True)
+            return
         m = (ch.unary_stream if streaming else ch.unary_unary)("/%s/%s" % (SERVICE, method))
         for _ in range(n):
             try:
