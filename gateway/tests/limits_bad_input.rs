@@ -960,3 +960,35 @@ async fn connect_and_protocol_upgrades_are_refused_with_a_clear_answer() {
     assert_eq!(r.status(), "200", "{:?}", r.text);
     still_serves(f.gw.addr).await;
 }
+
+/// A body past the limit on its way to an HTTP/2 (h2c) upstream is the client's 413, as
+/// on HTTP/1.1, and is not held against the instance (the upstream connection reports the
+/// abort as its own stream error): a client cannot eject instances with big bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_the_limit_to_an_h2c_upstream_is_the_clients_413() {
+    let up = upstream("a", "a-1");
+    let yaml = config_yaml(&[cell("a", "r1", &[], &[("a-1", up.addr)])], LIMITS).replace(
+        "    state: active\n",
+        "    state: active\n    protocol: h2c\n",
+    );
+    let dir = TempDir::new("h2c-body");
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let chunk = "x".repeat(1000);
+    for _ in 0..6 {
+        let mut req = String::from(
+            "POST /up HTTP/1.1\r\nHost: x\r\nX-User-ID: alice\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        for _ in 0..4 {
+            req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        req.push_str("0\r\n\r\n");
+        let r = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(r.status(), "413", "{:?}", r.text);
+    }
+    assert!(
+        !gw.logs_contain("instance ejected"),
+        "ejected for client bodies"
+    );
+    still_serves(gw.addr).await;
+}

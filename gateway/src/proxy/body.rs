@@ -197,16 +197,30 @@ pub struct RequestBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
+    /// Set when the body went past the limit: an HTTP/2 upstream connection reports the
+    /// abort as its own stream error, without this body's error behind it.
+    over: Option<std::rc::Rc<std::cell::Cell<bool>>>,
 }
 
 impl RequestBody {
     /// Count `inner` against `limit` bytes (`u64::MAX`: no limit).
     pub fn new(inner: Incoming, limit: u64) -> Self {
+        let over = (limit != u64::MAX && !inner.is_end_stream())
+            .then(|| std::rc::Rc::new(std::cell::Cell::new(false)));
         Self {
             inner,
             seen: 0,
             limit,
+            over,
         }
+    }
+
+    /// Whether the body went past its limit, readable after the body was handed on
+    /// (`None` for a body that has none, or no bytes).
+    pub fn over_limit(&self) -> Option<(std::rc::Rc<std::cell::Cell<bool>>, u64)> {
+        self.over
+            .as_ref()
+            .map(|o| (std::rc::Rc::clone(o), self.limit))
     }
 }
 
@@ -263,6 +277,9 @@ impl Body for RequestBody {
                 if let Some(d) = f.data_ref() {
                     this.seen = this.seen.saturating_add(d.len() as u64);
                     if this.seen > this.limit {
+                        if let Some(o) = &this.over {
+                            o.set(true);
+                        }
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge(this.limit))));
                     }
                 }

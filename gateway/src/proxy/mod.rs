@@ -519,6 +519,7 @@ async fn proxy(
         seen,
     } = ctx;
     let now = started_ms;
+    let body_over_limit = req.body().over_limit();
     // Phase: admit. The request's route (by path prefix; none configured: nothing to
     // look at) gives its deadlines and default SLO class.
     let route = table.route_for(req.uri().path());
@@ -849,6 +850,11 @@ async fn proxy(
                 // upstream's.
                 if let Some(b) = RequestBodyError::find(&e) {
                     return Err((b.to_proxy_error(), Some(cell_idx)));
+                }
+                if let Some((over, limit)) = &body_over_limit {
+                    if over.get() {
+                        return Err((ProxyError::PayloadTooLarge(*limit), Some(cell_idx)));
+                    }
                 }
                 sent_any = true;
                 record(
