@@ -29,7 +29,7 @@ pub use error::{ConfigError, Issue};
 pub use health::*;
 pub use model::*;
 pub use mutate::{Impact, MutateError, Mutation};
-pub use validate::{parse_duration, parse_range, valid_id, valid_prefix};
+pub use validate::{instance_addr, parse_duration, parse_range, valid_id, valid_prefix};
 
 /// The demo configuration (`examples/demo.yaml`), built into the binary.
 pub const DEMO_YAML: &str = include_str!("../../examples/demo.yaml");

@@ -123,6 +123,12 @@ fn lookup_bounded(
 /// resolution (made by the validation that accepted this configuration), else a lookup. A
 /// table rebuilt for a health transition therefore never waits on DNS: failover is not held
 /// up by a resolver that stopped answering.
+/// The address an instance's `addr` (an IP or a `host:port` name) stands for in a routing
+/// table: as [`table_addr`], for the parts built beside the table (upstream TLS).
+pub fn instance_addr(addr: &str) -> Result<SocketAddr, String> {
+    table_addr(addr)
+}
+
 fn table_addr(addr: &str) -> Result<SocketAddr, String> {
     table_addr_with(addr, |a| resolve(a, &std::cell::Cell::new(false)))
 }

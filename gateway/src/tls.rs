@@ -264,6 +264,8 @@ pub struct UpstreamTls {
     pub h2: tokio_rustls::TlsConnector,
     /// Fixed SNI / verified name, if configured.
     pub server_name: Option<ServerName<'static>>,
+    /// Otherwise: the host name of each instance configured by name, by its address.
+    pub names: std::collections::HashMap<std::net::SocketAddr, ServerName<'static>>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -309,13 +311,16 @@ impl UpstreamTls {
             h1: with_alpn(b"http/1.1"),
             h2: with_alpn(b"h2"),
             server_name,
+            names: std::collections::HashMap::new(),
         })
     }
 
-    /// The name to send and verify for an instance at `addr`.
+    /// The name to send and verify for an instance at `addr`: `server_name`, else the host
+    /// name its `addr` was configured with, else its IP address.
     pub fn name_for(&self, addr: std::net::SocketAddr) -> ServerName<'static> {
         self.server_name
             .clone()
+            .or_else(|| self.names.get(&addr).cloned())
             .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
     }
 }
@@ -334,8 +339,24 @@ impl UpstreamTlsMap {
                 if t.insecure_skip_verify {
                     tracing::warn!(cell = %c.id, "upstream TLS certificates are not verified (insecure_skip_verify)");
                 }
-                let u = UpstreamTls::from_config(t)
+                let mut u = UpstreamTls::from_config(t)
                     .map_err(|e| TlsError::Invalid(format!("cell {}: {e}", c.id)))?;
+                // Instances configured by host name are verified against that name.
+                for inst in &c.instances {
+                    let Some((host, _)) = inst.addr.rsplit_once(':') else {
+                        continue;
+                    };
+                    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+                        continue;
+                    }
+                    let (Ok(addr), Ok(name)) = (
+                        cellgate_config::instance_addr(&inst.addr),
+                        ServerName::try_from(host.to_owned()),
+                    ) else {
+                        continue;
+                    };
+                    u.names.insert(addr, name);
+                }
                 m.insert(c.id.clone(), u);
             }
         }

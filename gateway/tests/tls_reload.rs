@@ -236,6 +236,20 @@ async fn upstream_tls_per_cell_verifies_the_ca_and_the_name() {
     assert_eq!(r.status, 502, "{:?}", r.body);
     drop(gw);
 
+    // An instance configured by host name is verified against that name without a
+    // server_name (a certificate for `localhost`, the instance at `localhost:<port>`).
+    let local = leaf(&authority, "localhost");
+    let (local_addr, _t2) = tls_upstream(&local, up.addr).await;
+    let yaml = format!(
+        "regions: [r1]\ncells:\n  - id: a\n    region: r1\n    tls: {{ ca_file: {ca_path} }}\n    instances: [ {{ name: a-1, addr: \"localhost:{}\" }} ]\n",
+        local_addr.port()
+    );
+    std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
+    let gw = Gateway::start(&dir.path("c.yaml"));
+    let r = get(gw.addr, "/by-name", &[("x-user-id", "alice")]).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    drop(gw);
+
     // insecure_skip_verify accepts it without a CA (testing only).
     let gw = run("{ insecure_skip_verify: true }".into());
     assert_eq!(
