@@ -208,7 +208,7 @@ impl RoutingTable {
                 .iter()
                 .enumerate()
                 .filter(|(i, c)| eligible(*i, c))
-                .map(|(_, c)| c.dynamic_weight())
+                .map(|(_, c)| c.dyn_weight)
                 .sum();
             if total == 0 {
                 return None;
@@ -216,7 +216,7 @@ impl RoutingTable {
             let mut point = input.spread % total;
             for (i, c) in self.cells.iter().enumerate() {
                 if eligible(i, c) {
-                    let w = c.dynamic_weight();
+                    let w = c.dyn_weight;
                     if point < w {
                         return Some(i as CellIdx);
                     }

@@ -380,6 +380,8 @@ pub struct Cell {
     pub protocol: UpstreamProtocol,
     /// The key-affinity ring (`balance: key_affinity`), else round robin.
     pub ring: Option<Arc<KeyRing>>,
+    /// [`Cell::dynamic_weight`], computed when the table (or its weights) is made.
+    pub dyn_weight: u64,
     /// Ordered failover targets.
     pub failover: Vec<CellIdx>,
     /// `X-Cell-ID` header value, computed once.
@@ -516,6 +518,7 @@ impl RoutingTable {
                 for (i, inst) in c2.instances.iter_mut().enumerate() {
                     inst.effective = weight(c, &c.instances[i]);
                 }
+                c2.dyn_weight = c2.dynamic_weight();
                 c2
             })
             .collect();
@@ -859,7 +862,7 @@ impl TableBuilder {
             };
             let ring =
                 (c.balance == Balance::KeyAffinity).then(|| Arc::new(KeyRing::new(&instances)));
-            cells.push(Cell {
+            let mut cell = Cell {
                 id: c.id.as_str().into(),
                 id_header,
                 region: regions[usize::from(ri)].clone(),
@@ -871,8 +874,11 @@ impl TableBuilder {
                 instances,
                 protocol: c.protocol,
                 ring,
+                dyn_weight: 0,
                 health: ch,
-            });
+            };
+            cell.dyn_weight = cell.dynamic_weight();
+            cells.push(cell);
         }
 
         // Slot table: every slot exactly once.

@@ -65,8 +65,9 @@ pub struct Streaming {
 /// Where a gRPC answer's outcome is recorded once its trailers say it (`grpc-status`).
 #[derive(Debug)]
 pub struct GrpcOutcome {
-    /// The table the request was routed on.
-    pub table: Arc<cellgate_routing::RoutingTable>,
+    /// The table the request was routed on; not kept alive by a long stream (a table
+    /// replaced since is not looked up: the outcome goes unrecorded).
+    pub table: std::sync::Weak<cellgate_routing::RoutingTable>,
     /// Its cell and instance there.
     pub cell: cellgate_routing::CellIdx,
     /// Instance index in the cell.
@@ -96,13 +97,16 @@ impl Streaming {
     /// is recorded now: a failure for INTERNAL or UNAVAILABLE, or for no status at all.
     fn ended(&mut self, trailers: Option<&http::HeaderMap>) {
         let Some(o) = self.grpc.take() else { return };
+        let Some(table) = o.table.upgrade() else {
+            return;
+        };
         let failed = match trailers.and_then(|t| t.get("grpc-status")) {
             Some(v) => matches!(v.as_bytes(), b"13" | b"14"),
             None => true,
         };
-        if let Some(cell) = o.table.cell(o.cell) {
+        if let Some(cell) = table.cell(o.cell) {
             if let Some(inst) = cell.instances.get(o.inst) {
-                super::record_grpc(cell, inst, &o.table, failed);
+                super::record_grpc(cell, inst, &table, failed);
             }
         }
     }

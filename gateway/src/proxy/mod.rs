@@ -822,7 +822,7 @@ async fn proxy(
                 let mut counted = attempt_in_flight.streaming();
                 if grpc_pending {
                     counted = counted.with_grpc_outcome(body::GrpcOutcome {
-                        table: Arc::clone(table),
+                        table: Arc::downgrade(table),
                         cell: cell_idx,
                         inst: i,
                     });
@@ -991,7 +991,6 @@ fn can_retry(
 /// Attempts per request at most, across instances and cells (connect failures included).
 const MAX_ATTEMPTS: usize = 8;
 
-/// Phase *outcome*: feed an attempt's outcome to the instance's and the cell's health.
 /// A gRPC answer's outcome, from its trailers (`body::Streaming`).
 pub(crate) fn record_grpc(
     cell: &cellgate_routing::Cell,
@@ -1008,6 +1007,7 @@ pub(crate) fn record_grpc(
     record(cell, inst, now, outcome, table.health_policy());
 }
 
+/// Phase *outcome*: feed an attempt's outcome to the instance's and the cell's health.
 fn record(
     cell: &cellgate_routing::Cell,
     inst: &cellgate_routing::Instance,
