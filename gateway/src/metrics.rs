@@ -220,21 +220,7 @@ pub fn render(shared: &Shared) -> String {
 
     out.push_str("# HELP cellgate_cell_health_score Mean health score of the cell's instances (0 = down, 1 = fully healthy).\n# TYPE cellgate_cell_health_score gauge\n");
     for c in table.cells() {
-        let score = if c.instances.is_empty() {
-            0.0
-        } else {
-            c.instances
-                .iter()
-                .map(|i| {
-                    if i.health.is_available(now, p) {
-                        i.health.score()
-                    } else {
-                        0.0
-                    }
-                })
-                .sum::<f64>()
-                / c.instances.len() as f64
-        };
+        let score = c.health_score(now, p);
         let _ = writeln!(
             out,
             "cellgate_cell_health_score{{cell=\"{}\"}} {score}",
@@ -243,11 +229,7 @@ pub fn render(shared: &Shared) -> String {
     }
     out.push_str("# HELP cellgate_cell_weight Sum of the effective weights of the cell's instances.\n# TYPE cellgate_cell_weight gauge\n");
     for c in table.cells() {
-        let w: f64 = c
-            .instances
-            .iter()
-            .map(|i| f64::from(i.effective) / 100.0)
-            .sum();
+        let w = c.effective_weight();
         let _ = writeln!(out, "cellgate_cell_weight{{cell=\"{}\"}} {w}", esc(&c.id));
     }
     out.push_str("# HELP cellgate_cell_state 1 for the cell's current state.\n# TYPE cellgate_cell_state gauge\n");

@@ -47,6 +47,11 @@ fn grpc_server(cell: &str) -> GrpcServer {
 }
 
 fn grpc_call(gateway: SocketAddr, key: &str) -> serde_json::Value {
+    echo_client(gateway, key, &[])
+}
+
+/// Run the echo client against `gateway` for `key` with `extra` arguments; its JSON output.
+fn echo_client(gateway: SocketAddr, key: &str, extra: &[&str]) -> serde_json::Value {
     let out = Command::new("python3")
         .args([
             SCRIPT,
@@ -56,6 +61,7 @@ fn grpc_call(gateway: SocketAddr, key: &str) -> serde_json::Value {
             "--key",
             key,
         ])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -152,24 +158,8 @@ async fn grpc_clients_get_a_grpc_status_when_no_cell_serves() {
 
 /// `n` calls of `method` with `key`: the status code of each.
 fn grpc_calls(gateway: SocketAddr, key: &str, method: &str, n: u32) -> Vec<String> {
-    let out = Command::new("python3")
-        .args([
-            SCRIPT,
-            "call",
-            "--target",
-            &gateway.to_string(),
-            "--key",
-            key,
-        ])
-        .args(["--method", method, "--n", &n.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let v = echo_client(gateway, key, &["--method", method, "--n", &n.to_string()]);
+    serde_json::from_value(v).unwrap()
 }
 
 /// gRPC failures come with HTTP 200: UNAVAILABLE from an instance counts against its

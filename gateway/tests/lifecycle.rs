@@ -379,21 +379,7 @@ async fn a_client_that_goes_away_is_no_longer_counted_in_flight() {
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
     let admin = gw.admin_addr.expect("admin listener").to_string();
-    let cell_in_flight = || async {
-        let v = cellgate::ctl::call(
-            &admin,
-            Some("t0k"),
-            http::Method::GET,
-            "/admin/cells/a",
-            None,
-        )
-        .await
-        .expect("GET /admin/cells/a");
-        (
-            v["in_flight"].as_i64(),
-            v["instances"][0]["in_flight"].as_i64(),
-        )
-    };
+    let cell_in_flight = || cell_a_in_flight(&admin);
     for round in 0..2 {
         let mut c = H1::connect(gw.addr).await;
         let pending = tokio::spawn(async move {
@@ -459,21 +445,7 @@ async fn an_answer_still_streaming_is_counted_in_flight_until_it_ends() {
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
     let admin = gw.admin_addr.expect("admin listener").to_string();
-    let cell_in_flight = || async {
-        let v = cellgate::ctl::call(
-            &admin,
-            Some("t0k"),
-            http::Method::GET,
-            "/admin/cells/a",
-            None,
-        )
-        .await
-        .expect("GET /admin/cells/a");
-        (
-            v["in_flight"].as_i64(),
-            v["instances"][0]["in_flight"].as_i64(),
-        )
-    };
+    let cell_in_flight = || cell_a_in_flight(&admin);
     let wait_for = |want: (Option<i64>, Option<i64>), what: &'static str| async move {
         let end = Instant::now() + Duration::from_secs(3);
         loop {
@@ -511,4 +483,21 @@ async fn an_answer_still_streaming_is_counted_in_flight_until_it_ends() {
             wait_for((Some(0), Some(0)), "still counted after the client left").await;
         }
     }
+}
+
+/// Cell `a`'s in-flight count and its first instance's, from `/admin/cells/a` (token t0k).
+async fn cell_a_in_flight(admin: &str) -> (Option<i64>, Option<i64>) {
+    let v = cellgate::ctl::call(
+        admin,
+        Some("t0k"),
+        http::Method::GET,
+        "/admin/cells/a",
+        None,
+    )
+    .await
+    .expect("GET /admin/cells/a");
+    (
+        v["in_flight"].as_i64(),
+        v["instances"][0]["in_flight"].as_i64(),
+    )
 }

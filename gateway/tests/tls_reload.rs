@@ -259,6 +259,41 @@ async fn upstream_tls_per_cell_verifies_the_ca_and_the_name() {
     assert!(gw.logs_contain("not verified"));
 }
 
+/// The certificates of `ca`, as trusted roots.
+fn roots_of(ca: &tls::Ca) -> Arc<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca.pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(roots)
+}
+
+/// A TLS client trusting `roots`, presenting `identity` when given (mTLS), offering ALPN
+/// `http/1.1` when `http1`.
+fn admin_client(
+    roots: &Arc<rustls::RootCertStore>,
+    identity: Option<&Pem>,
+    http1: bool,
+) -> tokio_rustls::TlsConnector {
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(Arc::clone(roots));
+    let mut cfg = match identity {
+        None => b.with_no_client_auth(),
+        Some(p) => {
+            let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
+                .unwrap()
+                .unwrap();
+            b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
+        }
+    };
+    if http1 {
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
 /// Admin mTLS material in a fresh directory: `cert.pem`/`key.pem` (a `localhost` leaf of
 /// the server CA) and `client_ca.pem`; returns (server CA, client CA, an unrelated CA, dir).
 fn admin_mtls_files(tag: &str) -> (tls::Ca, tls::Ca, tls::Ca, TempDir) {
@@ -301,29 +336,8 @@ async fn the_admin_mtls_configuration_requires_a_client_certificate_from_its_ca(
         }
     });
 
-    let server_der = rustls_pemfile::certs(&mut server_ca.pem.as_bytes())
-        .next()
-        .unwrap()
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(server_der).unwrap();
-    let roots = Arc::new(roots);
-    let client = |identity: Option<&Pem>| {
-        let b = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(Arc::clone(&roots));
-        let cfg = match identity {
-            None => b.with_no_client_auth(),
-            Some(p) => {
-                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
-                    .unwrap()
-                    .unwrap();
-                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
-            }
-        };
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
+    let roots = roots_of(&server_ca);
+    let client = |identity: Option<&Pem>| admin_client(&roots, identity, false);
     let talk = |connector: tokio_rustls::TlsConnector| async move {
         use tokio::io::AsyncReadExt;
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -403,28 +417,7 @@ async fn the_admin_listener_with_admin_tls_serves_only_clients_with_a_certificat
     let gw = Gateway::start(&dir.path("c.yaml"));
     let admin = gw.admin_addr.expect("admin listener");
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut server_ca.pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let roots = Arc::new(roots);
-    let client = |identity: Option<&Pem>| {
-        let b = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(Arc::clone(&roots));
-        let mut cfg = match identity {
-            None => b.with_no_client_auth(),
-            Some(p) => {
-                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
-                    .unwrap()
-                    .unwrap();
-                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
-            }
-        };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
+    let client = |identity: Option<&Pem>| admin_client(&roots_of(&server_ca), identity, true);
     let operator = client(Some(&leaf(&client_ca, "operator")));
     let call = |c: tokio_rustls::TlsConnector, m: http::Method, path: &'static str, token| async move {
         admin_tls_request(admin, &c, m, path, token).await
@@ -573,28 +566,8 @@ async fn admin_only_client_certificates_leave_the_probes_open_and_keep_admin_clo
     std::fs::write(dir.path("c.yaml"), &yaml).unwrap();
     let gw = Gateway::start(&dir.path("c.yaml"));
     let admin = gw.admin_addr.expect("admin listener");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut server_ca.pem.as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let roots = Arc::new(roots);
-    let client = |identity: Option<&Pem>| {
-        let b = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(Arc::clone(&roots));
-        let mut cfg = match identity {
-            None => b.with_no_client_auth(),
-            Some(p) => {
-                let key = rustls_pemfile::private_key(&mut p.key.as_bytes())
-                    .unwrap()
-                    .unwrap();
-                b.with_client_auth_cert(vec![p.der.clone()], key).unwrap()
-            }
-        };
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
+    let roots = roots_of(&server_ca);
+    let client = |identity: Option<&Pem>| admin_client(&roots, identity, true);
     let anonymous = client(None);
     // No certificate: the probes and the metrics are served...
     for path in ["/healthz", "/readyz", "/metrics"] {

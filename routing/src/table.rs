@@ -408,6 +408,36 @@ impl Cell {
             && self.instances.iter().any(|i| i.health.is_available(now, p))
     }
 
+    /// Mean health score of the instances at `now` (0 = down, 1 = fully healthy); an
+    /// unavailable (ejected, probe-down) instance counts 0. What `/admin/cells` and
+    /// `cellgate_cell_health_score` report.
+    pub fn health_score(&self, now: u64, p: &HealthPolicy) -> f64 {
+        if self.instances.is_empty() {
+            return 0.0;
+        }
+        let sum: f64 = self
+            .instances
+            .iter()
+            .map(|i| {
+                if i.health.is_available(now, p) {
+                    i.health.score()
+                } else {
+                    0.0
+                }
+            })
+            .sum();
+        sum / self.instances.len() as f64
+    }
+
+    /// Sum of the instances' effective weights, in the base weight's units (the table keeps
+    /// them ×100). What `/admin/cells` and `cellgate_cell_weight` report.
+    pub fn effective_weight(&self) -> f64 {
+        self.instances
+            .iter()
+            .map(|i| f64::from(i.effective) / 100.0)
+            .sum()
+    }
+
     /// The cell's weight among cells (keyless traffic): its base weight scaled by the
     /// share of its instances' base weight that health and RTT leave them (their published
     /// effective weights), in hundredths. A cell with one of ten equal instances up gets

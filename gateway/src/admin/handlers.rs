@@ -106,24 +106,7 @@ fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) 
         .iter()
         .filter(|i| i.health.is_available(now, p))
         .count();
-    // As `cellgate_cell_health_score`: an unavailable (ejected, down) instance counts 0.
-    let scores: Vec<f64> = c
-        .instances
-        .iter()
-        .map(|i| {
-            if i.health.is_available(now, p) {
-                i.health.score()
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    // As `cellgate_cell_weight`: the table keeps effective weights ×100.
-    let effective: f64 = c
-        .instances
-        .iter()
-        .map(|i| f64::from(i.effective) / 100.0)
-        .sum();
+
     let rtts: Vec<f64> = c
         .instances
         .iter()
@@ -157,13 +140,13 @@ fn cell_view(t: &RoutingTable, s: &Shared, idx: usize, slots: &[u32], now: u64) 
         "configured_state": c.configured_state.as_str(),
         "serving": c.is_serving(now, p),
         "weight": c.weight,
-        "effective_weight": effective,
+        "effective_weight": c.effective_weight(),
         "failover": cfg.map(|x| x.failover.clone()),
         "switched_to": cfg.and_then(|x| x.switched_to.clone()),
         "slots": slots.get(idx).copied().unwrap_or(0),
         // Mean of the instances' health scores (unavailable ones 0), and of their RTT
         // EWMAs where known.
-        "score": if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 },
+        "score": c.health_score(now, p),
         "rtt_ms": if rtts.is_empty() { Value::Null } else { json!(rtts.iter().sum::<f64>() / rtts.len() as f64) },
         "instances_up": up,
         "in_flight": c.health.in_flight(),
