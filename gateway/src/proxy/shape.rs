@@ -171,8 +171,16 @@ pub fn set_target(uri: &mut Uri, headers: &mut HeaderMap, h2: bool, fallback_aut
                 headers.insert(HOST, a);
             }
         }
-        // Origin-form already (nearly every HTTP/1.1 request): nothing to rebuild.
+        // Origin-form already (nearly every HTTP/1.1 request): nothing to rebuild. An
+        // absolute-form target's authority is the request's host (RFC 9112 §3.2.2): it
+        // replaces whatever `Host` says.
         if uri.scheme().is_some() || uri.authority().is_some() {
+            if let Some(a) = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(HOST, a);
+            }
             *uri = Uri::from(pq(uri));
         }
     }
@@ -213,7 +221,30 @@ pub fn set_remaining(headers: &mut HeaderMap, rem: Duration) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn an_absolute_form_target_sets_the_host_for_an_http1_upstream() {
+        let mut uri: Uri = "http://api.example.com/abs?q=1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("other.example"));
+        set_target(&mut uri, &mut h, false, "cell-a");
+        assert_eq!(uri, "/abs?q=1");
+        assert_eq!(h.get(HOST).unwrap(), "api.example.com");
+        // Origin-form keeps its Host.
+        let mut uri: Uri = "/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(HOST, HeaderValue::from_static("other.example"));
+        set_target(&mut uri, &mut h, false, "cell-a");
+        assert_eq!(
+            (
+                uri.to_string().as_str(),
+                h.get(HOST).unwrap().to_str().unwrap()
+            ),
+            ("/x", "other.example")
+        );
+    }
 
     #[test]
     fn strips_hop_by_hop_and_named() {
