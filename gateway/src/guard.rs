@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use cellgate_config::Limits;
-use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -162,12 +162,9 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
             ))),
             _ => check(&req, &self.limits, seen),
         };
+        let grpc = crate::proxy::is_grpc(req.headers(), seen);
         if let Some(e) = refused {
             let request_id = ids::request_id(req.headers().get(X_REQUEST_ID));
-            let grpc = req
-                .headers()
-                .get(CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
             tracing::debug!(request_id = crate::proxy::log_str(Some(&request_id)), status = e.status().as_u16(), error = %e, "request refused by the guard");
             self.proxy.count_unrouted(e.status().as_u16());
             let res = e.into_response(&request_id, grpc);
@@ -180,9 +177,6 @@ impl hyper::service::Service<Request<Incoming>> for Guard {
         let (parts, body) = req.into_parts();
         // A gRPC request's body is a stream of messages, as long as the call runs: the body
         // limit would end a long client stream; its messages' size is the server's to limit.
-        let grpc = seen
-            .get(&parts.headers, Seen::CONTENT_TYPE, CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let limit = if grpc { u64::MAX } else { self.limits.max_body };
         let req = Request::from_parts(parts, RequestBody::new(body, limit));
         GuardFuture {

@@ -101,7 +101,7 @@ impl Streaming {
             return;
         };
         let failed = match trailers.and_then(|t| t.get("grpc-status")) {
-            Some(v) => matches!(v.as_bytes(), b"13" | b"14"),
+            Some(v) => super::grpc_status_failed(v),
             None => true,
         };
         if let Some(cell) = table.cell(o.cell) {

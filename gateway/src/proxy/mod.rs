@@ -216,8 +216,9 @@ impl tower::Service<Request<RequestBody>> for Proxy {
     }
 }
 
-fn is_grpc(req: &Request<RequestBody>, seen: Seen) -> bool {
-    seen.get(req.headers(), Seen::CONTENT_TYPE, CONTENT_TYPE)
+/// Whether a request is gRPC (`Content-Type: application/grpc...`).
+pub(crate) fn is_grpc(headers: &http::HeaderMap, seen: Seen) -> bool {
+    seen.get(headers, Seen::CONTENT_TYPE, CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
@@ -237,7 +238,7 @@ pub async fn handle(
         seen.get(req.headers(), Seen::REQUEST_ID, X_REQUEST_ID),
         seen.get(req.headers(), Seen::TRACEPARENT, headers::TRACEPARENT),
     );
-    let grpc = is_grpc(&req, seen);
+    let grpc = is_grpc(req.headers(), seen);
     let method = req.method().clone();
     let path_for_log =
         tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().path().to_owned());
@@ -908,7 +909,12 @@ async fn proxy(
 fn grpc_failed(res: &Response<hyper::body::Incoming>) -> bool {
     res.headers()
         .get("grpc-status")
-        .is_some_and(|v| matches!(v.as_bytes(), b"13" | b"14"))
+        .is_some_and(grpc_status_failed)
+}
+
+/// Whether a `grpc-status` is a server-side failure: INTERNAL (13) or UNAVAILABLE (14).
+pub(crate) fn grpc_status_failed(v: &HeaderValue) -> bool {
+    matches!(v.as_bytes(), b"13" | b"14")
 }
 
 /// The request's routing key again, from the request still held or its replay copy.
