@@ -121,8 +121,8 @@ pub struct Activity {
     /// Since when the socket has taken none of the bytes written to it (the last write
     /// would block); `None` once a write goes through.
     write_blocked_since: Cell<Option<Instant>>,
-    /// Writes that went through (wrapping), and their count when the request in flight
-    /// started: the answer has begun once they differ.
+    /// Writes that went through (wrapping), and their count when the request's answer was
+    /// handed to hyper: the answer has begun once they differ.
     writes: Cell<u32>,
     writes_at_start: Cell<u32>,
     /// The request in flight has its answer handed to hyper.
